@@ -1,0 +1,10 @@
+//! The API-side patterns as axum/tower pieces: RFC 9457 problems, correlation tracking,
+//! Idempotency-Key and pagination.
+
+pub mod correlation;
+pub mod idempotency;
+pub mod pagination;
+pub mod problem;
+
+pub use correlation::{Correlation, CorrelationLayer};
+pub use problem::Problem;

@@ -1,0 +1,25 @@
+//! # Seaport
+//!
+//! Reliable service integration for Rust services built on tokio, axum and sqlx: one module per
+//! pattern of the Integration Patterns Catalog.
+//!
+//! | module | pattern |
+//! |---|---|
+//! | [`event`] | the envelope: CloudEvents 1.0 + `correlationid` / `causationid` |
+//! | [`outbox`] (+ [`outbox::relay`]) | Outbox + Publish |
+//! | [`inbox`] | Inbox + Idempotency |
+//! | [`broker`] (`embedded`) | the transport behind Consumer Groups and Fan-out |
+//! | [`consumer`] | the runner and its delivery policy: groups, fan-out, retry, dead letters |
+//! | [`http`] (`correlation`, `idempotency`, `pagination`, `problem`) | Correlation Tracking, Idempotency Key, Pagination |
+//! | [`store`] (`sqlite`) | the SQL behind all of the above |
+
+pub mod broker;
+pub mod consumer;
+pub mod crash;
+pub mod event;
+pub mod http;
+pub mod inbox;
+pub mod outbox;
+pub mod store;
+
+pub use event::Event;
