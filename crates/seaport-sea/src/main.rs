@@ -1,1 +1,157 @@
-fn main(){}
+//! `seaport`: the reference service and its operator commands.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use seaport_sea::app::{self, Config};
+
+#[derive(Parser)]
+#[command(name = "seaport", version, about = "Seaport: the sea cases service and its operator commands")]
+struct Cli {
+    /// Where the embedded database lives (`<dir>/seaport.db`).
+    #[arg(long, global = true, env = "SEAPORT_DATA_DIR", default_value = "./seaport-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: HTTP API, outbox relay and the fan-out consumers.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "SEAPORT_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// How long stored idempotent responses are kept, in hours.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+        idempotency_retention_hours: u64,
+    },
+    /// Inspect the outbox.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// Print the causal tree of events and effects of one correlation id.
+    Trace {
+        correlation_id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Backlog, published count and the age of the oldest unpublished event.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEAPORT_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("seaport: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seaport: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { listen, idempotency_retention_hours } => {
+            let config = Config {
+                listen,
+                data_dir: cli.data_dir,
+                idempotency_retention: Duration::from_secs(idempotency_retention_hours * 3600),
+            };
+            let running = app::start(config).await?;
+            println!("seaport listening on http://{}", running.addr);
+            running.until(shutdown_signal()).await
+        }
+        Command::Outbox { command: OutboxCommand::Status { json } } => {
+            let store = open_existing(&cli.data_dir).await?;
+            let mut conn = store.pool().acquire().await?;
+            let s = seaport::outbox::status(&mut conn).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("unpublished: {}", s.unpublished);
+                println!("published:   {}", s.published);
+                println!("failing:     {}", s.failing);
+                match s.oldest_unpublished_age_ms {
+                    Some(ms) => println!("oldest unpublished: {:.3} s ago", ms as f64 / 1000.0),
+                    None => println!("oldest unpublished: none (relay is caught up)"),
+                }
+            }
+            Ok(())
+        }
+        Command::Trace { correlation_id, json } => {
+            anyhow::ensure!(seaport::http::correlation::valid_id(&correlation_id), "{correlation_id:?} is not a valid correlation id");
+            let store = open_existing(&cli.data_dir).await?;
+            let mut conn = store.pool().acquire().await?;
+            let trace = seaport_sea::trace::load(&mut conn, &correlation_id).await?;
+            anyhow::ensure!(!trace.events.is_empty(), "no events recorded for correlation id {correlation_id}");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&trace)?);
+            } else {
+                println!("correlation {}", trace.correlation_id);
+                for e in &trace.events {
+                    let pad = "  ".repeat(e.depth + 1);
+                    println!("{pad}{} {} (subject {}, caused by {})", e.ty, e.id, e.subject.as_deref().unwrap_or("-"), e.causation_id.as_deref().unwrap_or("-"));
+                    for c in &e.consumers {
+                        println!("{pad}  ├ {} at {}: {}", c.consumer, c.processed_at, if c.effects.is_empty() { "no effect".to_owned() } else { c.effects.join("; ") });
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Operator commands read an existing database; they never create an empty one by mistake.
+async fn open_existing(data_dir: &std::path::Path) -> anyhow::Result<seaport::store::sqlite::SqliteStore> {
+    let path = data_dir.join("seaport.db");
+    anyhow::ensure!(path.exists(), "no database at {} (start `seaport serve` first, or pass --data-dir)", path.display());
+    let config = Config { listen: "127.0.0.1:0".parse().expect("valid"), data_dir: data_dir.to_owned(), idempotency_retention: Duration::ZERO };
+    app::open_store(&config).await.context("cannot open the database")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -106,6 +106,18 @@ impl From<JsonRejection> for Problem {
     }
 }
 
+impl From<sqlx::Error> for Problem {
+    fn from(e: sqlx::Error) -> Self {
+        Problem::internal(e)
+    }
+}
+
+impl From<crate::outbox::OutboxError> for Problem {
+    fn from(e: crate::outbox::OutboxError) -> Self {
+        Problem::internal(e)
+    }
+}
+
 /// Parse a JSON request body, telling malformed JSON (400) from well-formed JSON of the wrong
 /// shape (422), with the serde error's position in the detail.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {

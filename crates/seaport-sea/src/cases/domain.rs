@@ -1,0 +1,67 @@
+//! A case, and the validation of a request to open one.
+
+use seaport::http::Problem;
+use serde::{Deserialize, Serialize};
+
+pub const MAX_TITLE: usize = 200;
+pub const MAX_DESCRIPTION: usize = 10_000;
+pub const MAX_CUSTOMER_ID: usize = 128;
+
+/// A support case, as stored and as returned by the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Case {
+    pub id: String,
+    pub title: String,
+    pub description: Option<String>,
+    pub customer_id: String,
+    pub status: String,
+    pub correlation_id: String,
+    pub created_at: String,
+}
+
+/// The body of `POST /cases`. Unknown fields are refused so typos do not pass silently.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCaseRequest {
+    pub title: String,
+    pub customer_id: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A validated request to open a case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewCase {
+    pub title: String,
+    pub customer_id: String,
+    pub description: Option<String>,
+}
+
+impl CreateCaseRequest {
+    /// Check every field and report all problems at once (RFC 9457 `invalid-params`, 422).
+    pub fn validate(self) -> Result<NewCase, Problem> {
+        let mut invalid: Vec<(&str, String)> = Vec::new();
+        let title = self.title.trim().to_owned();
+        if title.is_empty() {
+            invalid.push(("title", "must not be empty".into()));
+        } else if title.chars().count() > MAX_TITLE {
+            invalid.push(("title", format!("must be at most {MAX_TITLE} characters")));
+        }
+        let customer_id = self.customer_id.trim().to_owned();
+        if customer_id.is_empty() {
+            invalid.push(("customer_id", "must not be empty".into()));
+        } else if customer_id.chars().count() > MAX_CUSTOMER_ID || customer_id.chars().any(char::is_control) {
+            invalid.push(("customer_id", format!("must be at most {MAX_CUSTOMER_ID} printable characters")));
+        }
+        let description = self.description.map(|d| d.trim().to_owned()).filter(|d| !d.is_empty());
+        if description.as_ref().is_some_and(|d| d.chars().count() > MAX_DESCRIPTION) {
+            invalid.push(("description", format!("must be at most {MAX_DESCRIPTION} characters")));
+        }
+        if invalid.is_empty() {
+            Ok(NewCase { title, customer_id, description })
+        } else {
+            let detail = invalid.iter().map(|(n, r)| format!("{n} {r}")).collect::<Vec<_>>().join("; ");
+            Err(Problem::unprocessable(detail).with_invalid_params(&invalid))
+        }
+    }
+}

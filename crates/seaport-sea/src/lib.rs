@@ -1,0 +1,12 @@
+//! The reference "sea" cases service of Seaport, built only on the `seaport` library's public
+//! API, as a user's service would be.
+//!
+//! - [`cases`]: the domain, its SQL and routes (`POST/GET /cases`, `GET /cases/{id}`)
+//! - [`consumers`]: the fan-out consumers analytics, notifications and audit
+//! - [`trace`]: `GET /trace/{correlation_id}`, the causal tree of one request
+//! - [`app`]: wiring of storage, broker, relay, consumers and HTTP
+
+pub mod app;
+pub mod cases;
+pub mod consumers;
+pub mod trace;
