@@ -33,6 +33,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub idempotency_retention: Duration,
+    /// Redelivery delay of a message whose consumer neither acked nor nak'ed it.
+    pub ack_wait: Duration,
 }
 
 impl Config {
@@ -52,8 +54,13 @@ pub struct AppState {
 /// Open the database (creating it), apply Seaport's and the service's migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
     let path = config.database_path();
-    let store = SqliteStore::open(&path).await.with_context(|| format!("cannot open the database {}", path.display()))?;
-    MIGRATOR.run(store.pool()).await.context("cannot apply the service's migrations")?;
+    let store = SqliteStore::open(&path)
+        .await
+        .with_context(|| format!("cannot open the database {}", path.display()))?;
+    MIGRATOR
+        .run(store.pool())
+        .await
+        .context("cannot apply the service's migrations")?;
     Ok(store)
 }
 
@@ -64,13 +71,18 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this resource")
+            Problem::new(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this resource",
+            )
         })
         .layer(CorrelationLayer)
         .with_state(state)
 }
 
-async fn healthz(axum::extract::State(app): axum::extract::State<AppState>) -> Result<axum::Json<serde_json::Value>, Problem> {
+async fn healthz(
+    axum::extract::State(app): axum::extract::State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, Problem> {
     sqlx::query("SELECT 1").execute(app.store.pool()).await.map_err(|e| {
         tracing::error!(error = %e, "health check failed");
         Problem::new(http::StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
@@ -112,8 +124,13 @@ impl Running {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = open_store(&config).await?;
     let broker = Arc::new(EmbeddedBroker::new(&store));
-    broker.ensure_stream(STREAM, &[SUBJECTS]).await.context("cannot create the SEA stream")?;
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    broker
+        .ensure_stream(STREAM, &[SUBJECTS])
+        .await
+        .context("cannot create the SEA stream")?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
     let (stop, stopped) = watch::channel(false);
@@ -126,15 +143,30 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Ok(())
     });
 
-    let handlers: [(&str, Arc<dyn Handler>); 3] =
-        [(ANALYTICS, Arc::new(Analytics)), (NOTIFICATIONS, Arc::new(Notifications)), (AUDIT, Arc::new(Audit))];
+    let handlers: [(&str, Arc<dyn Handler>); 3] = [
+        (ANALYTICS, Arc::new(Analytics)),
+        (NOTIFICATIONS, Arc::new(Notifications)),
+        (AUDIT, Arc::new(Audit)),
+    ];
     for (name, handler) in handlers {
-        let runner = ConsumerRunner::new(store.clone(), broker.clone(), STREAM, RunnerConfig::new(ConsumerConfig::new(name, SUBJECTS)), handler);
+        let mut consumer = ConsumerConfig::new(name, SUBJECTS);
+        consumer.ack_wait = config.ack_wait;
+        let runner = ConsumerRunner::new(
+            store.clone(),
+            broker.clone(),
+            STREAM,
+            RunnerConfig::new(consumer),
+            handler,
+        );
         let r = stopped.clone();
         tasks.spawn(async move { runner.run(r).await.with_context(|| format!("consumer {name} failed")) });
     }
 
-    let state = AppState { store: store.clone(), outbox: Outbox::new(), idempotency_retention: config.idempotency_retention };
+    let state = AppState {
+        store: store.clone(),
+        outbox: Outbox::new(),
+        idempotency_retention: config.idempotency_retention,
+    };
     let app = router(state);
     let mut r = stopped.clone();
     tasks.spawn(async move {

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use seaport_sea::app::{self, Config};
 
 #[derive(Parser)]
-#[command(name = "seaport", version, about = "Seaport: the sea cases service and its operator commands")]
+#[command(
+    name = "seaport",
+    version,
+    about = "Seaport: the sea cases service and its operator commands"
+)]
 struct Cli {
     /// Where the embedded database lives (`<dir>/seaport.db`).
     #[arg(long, global = true, env = "SEAPORT_DATA_DIR", default_value = "./seaport-data")]
@@ -29,6 +33,10 @@ enum Command {
         /// How long stored idempotent responses are kept, in hours.
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
         idempotency_retention_hours: u64,
+        /// How long a consumer may hold a message unacknowledged before it is delivered again
+        /// (e.g. after the process died mid-handler).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        ack_wait_secs: u64,
     },
     /// Inspect the outbox.
     Outbox {
@@ -79,17 +87,24 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, idempotency_retention_hours } => {
+        Command::Serve {
+            listen,
+            idempotency_retention_hours,
+            ack_wait_secs,
+        } => {
             let config = Config {
                 listen,
                 data_dir: cli.data_dir,
                 idempotency_retention: Duration::from_secs(idempotency_retention_hours * 3600),
+                ack_wait: Duration::from_secs(ack_wait_secs),
             };
             let running = app::start(config).await?;
             println!("seaport listening on http://{}", running.addr);
             running.until(shutdown_signal()).await
         }
-        Command::Outbox { command: OutboxCommand::Status { json } } => {
+        Command::Outbox {
+            command: OutboxCommand::Status { json },
+        } => {
             let store = open_existing(&cli.data_dir).await?;
             let mut conn = store.pool().acquire().await?;
             let s = seaport::outbox::status(&mut conn).await?;
@@ -107,20 +122,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace { correlation_id, json } => {
-            anyhow::ensure!(seaport::http::correlation::valid_id(&correlation_id), "{correlation_id:?} is not a valid correlation id");
+            anyhow::ensure!(
+                seaport::http::correlation::valid_id(&correlation_id),
+                "{correlation_id:?} is not a valid correlation id"
+            );
             let store = open_existing(&cli.data_dir).await?;
             let mut conn = store.pool().acquire().await?;
             let trace = seaport_sea::trace::load(&mut conn, &correlation_id).await?;
-            anyhow::ensure!(!trace.events.is_empty(), "no events recorded for correlation id {correlation_id}");
+            anyhow::ensure!(
+                !trace.events.is_empty(),
+                "no events recorded for correlation id {correlation_id}"
+            );
             if json {
                 println!("{}", serde_json::to_string_pretty(&trace)?);
             } else {
                 println!("correlation {}", trace.correlation_id);
                 for e in &trace.events {
                     let pad = "  ".repeat(e.depth + 1);
-                    println!("{pad}{} {} (subject {}, caused by {})", e.ty, e.id, e.subject.as_deref().unwrap_or("-"), e.causation_id.as_deref().unwrap_or("-"));
+                    println!(
+                        "{pad}{} {} (subject {}, caused by {})",
+                        e.ty,
+                        e.id,
+                        e.subject.as_deref().unwrap_or("-"),
+                        e.causation_id.as_deref().unwrap_or("-")
+                    );
                     for c in &e.consumers {
-                        println!("{pad}  ├ {} at {}: {}", c.consumer, c.processed_at, if c.effects.is_empty() { "no effect".to_owned() } else { c.effects.join("; ") });
+                        println!(
+                            "{pad}  ├ {} at {}: {}",
+                            c.consumer,
+                            c.processed_at,
+                            if c.effects.is_empty() {
+                                "no effect".to_owned()
+                            } else {
+                                c.effects.join("; ")
+                            }
+                        );
                     }
                 }
             }
@@ -132,8 +168,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Operator commands read an existing database; they never create an empty one by mistake.
 async fn open_existing(data_dir: &std::path::Path) -> anyhow::Result<seaport::store::sqlite::SqliteStore> {
     let path = data_dir.join("seaport.db");
-    anyhow::ensure!(path.exists(), "no database at {} (start `seaport serve` first, or pass --data-dir)", path.display());
-    let config = Config { listen: "127.0.0.1:0".parse().expect("valid"), data_dir: data_dir.to_owned(), idempotency_retention: Duration::ZERO };
+    anyhow::ensure!(
+        path.exists(),
+        "no database at {} (start `seaport serve` first, or pass --data-dir)",
+        path.display()
+    );
+    let config = Config {
+        listen: "127.0.0.1:0".parse().expect("valid"),
+        data_dir: data_dir.to_owned(),
+        idempotency_retention: Duration::ZERO,
+        ack_wait: Duration::ZERO,
+    };
     app::open_store(&config).await.context("cannot open the database")
 }
 

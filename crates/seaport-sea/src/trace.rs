@@ -69,33 +69,53 @@ pub async fn load(conn: &mut SqliteConnection, correlation_id: &str) -> Result<T
         .await?;
     for r in inbox {
         let at: i64 = r.get(2);
-        let at = chrono::DateTime::from_timestamp_millis(at).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default();
-        seen.entry(r.get(1)).or_default().push(SeenBy { consumer: r.get(0), processed_at: at, effects: Vec::new() });
+        let at = chrono::DateTime::from_timestamp_millis(at)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        seen.entry(r.get(1)).or_default().push(SeenBy {
+            consumer: r.get(0),
+            processed_at: at,
+            effects: Vec::new(),
+        });
     }
-    let effects = sqlx::query("SELECT consumer, event_id, effect FROM consumer_effects WHERE correlation_id = ? ORDER BY id")
-        .bind(correlation_id)
-        .fetch_all(&mut *conn)
-        .await?;
+    let effects =
+        sqlx::query("SELECT consumer, event_id, effect FROM consumer_effects WHERE correlation_id = ? ORDER BY id")
+            .bind(correlation_id)
+            .fetch_all(&mut *conn)
+            .await?;
     for r in effects {
         let (consumer, event_id, effect): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        if let Some(s) = seen.get_mut(&event_id).and_then(|v| v.iter_mut().find(|s| s.consumer == consumer)) {
+        if let Some(s) = seen
+            .get_mut(&event_id)
+            .and_then(|v| v.iter_mut().find(|s| s.consumer == consumer))
+        {
             s.effects.push(effect);
         }
     }
     for e in &mut events {
         e.consumers = seen.remove(&e.id).unwrap_or_default();
     }
-    Ok(Trace { correlation_id: correlation_id.to_owned(), events: causal_order(events) })
+    Ok(Trace {
+        correlation_id: correlation_id.to_owned(),
+        events: causal_order(events),
+    })
 }
 
 /// Depth-first from the roots (events whose cause is not an event of this trace), children in
 /// log order. Events in a cycle (impossible unless ids were forged) are appended at the end.
 fn causal_order(events: Vec<TracedEvent>) -> Vec<TracedEvent> {
     let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
-    let is_root: Vec<bool> = events.iter().map(|e| e.causation_id.as_deref().is_none_or(|c| !ids.contains(c))).collect();
+    let is_root: Vec<bool> = events
+        .iter()
+        .map(|e| e.causation_id.as_deref().is_none_or(|c| !ids.contains(c)))
+        .collect();
     let mut placed = vec![false; events.len()];
     let mut order: Vec<(usize, usize)> = Vec::new();
-    let mut stack: Vec<(usize, usize)> = (0..events.len()).rev().filter(|&i| is_root[i]).map(|i| (i, 0)).collect();
+    let mut stack: Vec<(usize, usize)> = (0..events.len())
+        .rev()
+        .filter(|&i| is_root[i])
+        .map(|i| (i, 0))
+        .collect();
     while let Some((i, depth)) = stack.pop() {
         if placed[i] {
             continue;
@@ -127,7 +147,9 @@ pub async fn route(State(app): State<AppState>, Path(correlation_id): Path<Strin
     let mut conn = app.store.pool().acquire().await?;
     let trace = load(&mut conn, &correlation_id).await?;
     if trace.events.is_empty() {
-        return Err(Problem::not_found(format!("no events recorded for correlation id {correlation_id} (yet)")));
+        return Err(Problem::not_found(format!(
+            "no events recorded for correlation id {correlation_id} (yet)"
+        )));
     }
     Ok(Json(trace))
 }

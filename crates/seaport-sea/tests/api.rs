@@ -6,7 +6,13 @@ use common::{FAN_OUT, TestService, wait_for};
 use serde_json::{Value, json};
 
 async fn post_case(s: &TestService, key: &str, body: &Value) -> reqwest::Response {
-    s.http.post(s.url("/cases")).header("X-Idempotency-Key", key).json(body).send().await.unwrap()
+    s.http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn problem(res: reqwest::Response, status: u16) -> Value {
@@ -35,13 +41,23 @@ async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
     let location = res.headers()["location"].to_str().unwrap().to_owned();
     let case: Value = res.json().await.unwrap();
     assert_eq!(location, format!("/cases/{}", case["id"].as_str().unwrap()));
-    assert_eq!((case["title"].as_str(), case["status"].as_str(), case["customer_id"].as_str()), (Some("Broken pump"), Some("open"), Some("C-42")));
+    assert_eq!(
+        (
+            case["title"].as_str(),
+            case["status"].as_str(),
+            case["customer_id"].as_str()
+        ),
+        (Some("Broken pump"), Some("open"), Some("C-42"))
+    );
 
     let fetched: Value = s.http.get(s.url(&location)).send().await.unwrap().json().await.unwrap();
     assert_eq!(fetched, case);
     let list: Value = s.http.get(s.url("/cases")).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["data"][0], case);
-    assert_eq!(list["pagination"], json!({"page": 1, "limit": 20, "total": 1, "totalPages": 1}));
+    assert_eq!(
+        list["pagination"],
+        json!({"page": 1, "limit": 20, "total": 1, "totalPages": 1})
+    );
 
     // The event, stamped with the request's correlation id, reaches all three consumers.
     let mut trace = Value::Null;
@@ -51,7 +67,11 @@ async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
             return false;
         }
         trace = res.json().await.unwrap();
-        trace["events"].as_array().unwrap().iter().all(|e| e["consumers"].as_array().unwrap().len() == 3)
+        trace["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["consumers"].as_array().unwrap().len() == 3)
             && trace["events"].as_array().unwrap().len() == 2
     })
     .await;
@@ -59,7 +79,12 @@ async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
     assert_eq!(events[0]["type"], "sea.cases.created");
     assert_eq!(events[0]["subject"], case["id"]);
     assert_eq!(events[0]["depth"], 0);
-    let mut seen: Vec<&str> = events[0]["consumers"].as_array().unwrap().iter().map(|c| c["consumer"].as_str().unwrap()).collect();
+    let mut seen: Vec<&str> = events[0]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["consumer"].as_str().unwrap())
+        .collect();
     seen.sort();
     assert_eq!(seen, FAN_OUT);
     // The notification it caused is the next level of the causal tree.
@@ -69,7 +94,10 @@ async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
 
     // The stored event itself carries correlation and causation (the request id).
     let db = s.db().await;
-    let envelope: Vec<u8> = sqlx::query_scalar("SELECT envelope FROM seaport_outbox WHERE topic = 'sea.cases.created'").fetch_one(&db).await.unwrap();
+    let envelope: Vec<u8> = sqlx::query_scalar("SELECT envelope FROM seaport_outbox WHERE topic = 'sea.cases.created'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     let e: Value = serde_json::from_slice(&envelope).unwrap();
     assert_eq!(e["specversion"], "1.0");
     assert_eq!(e["correlationid"], "corr-e2e-1");
@@ -87,25 +115,53 @@ async fn same_idempotency_key_replays_and_creates_nothing_new() {
     let first_body: Value = first.json().await.unwrap();
 
     // Both header names, and the IETF sf-string form, name the same key.
-    let again = s.http.post(s.url("/cases")).header("Idempotency-Key", "\"k-1\"").json(&body).send().await.unwrap();
+    let again = s
+        .http
+        .post(s.url("/cases"))
+        .header("Idempotency-Key", "\"k-1\"")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 201);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(again.headers()["location"], format!("/cases/{}", first_body["id"].as_str().unwrap()));
+    assert_eq!(
+        again.headers()["location"],
+        format!("/cases/{}", first_body["id"].as_str().unwrap())
+    );
     assert_eq!(again.json::<Value>().await.unwrap(), first_body);
 
     // Same key, different request: refused.
-    let p = problem(post_case(&s, "k-1", &json!({"title": "other", "customer_id": "c"})).await, 422).await;
+    let p = problem(
+        post_case(&s, "k-1", &json!({"title": "other", "customer_id": "c"})).await,
+        422,
+    )
+    .await;
     assert_eq!(p["type"], "/problems/idempotency-key-reused");
 
     // Another caller's identical key is a different key.
-    let other = s.http.post(s.url("/cases")).header("X-Idempotency-Key", "k-1").header("X-Client-Id", "tenant-b").json(&body).send().await.unwrap();
+    let other = s
+        .http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", "k-1")
+        .header("X-Client-Id", "tenant-b")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(other.status(), 201);
     assert!(other.headers().get("idempotent-replayed").is_none());
     assert_ne!(other.json::<Value>().await.unwrap()["id"], first_body["id"]);
 
     let db = s.db().await;
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases").fetch_one(&db).await.unwrap();
-    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE topic = 'sea.cases.created'").fetch_one(&db).await.unwrap();
+    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE topic = 'sea.cases.created'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!((cases, events), (2, 2));
     s.stop().await;
 }
@@ -118,7 +174,13 @@ async fn concurrent_retries_with_one_key_create_one_case() {
     for _ in 0..8 {
         let (http, url, body) = (s.http.clone(), s.url("/cases"), body.clone());
         handles.push(tokio::spawn(async move {
-            let r = http.post(url).header("X-Idempotency-Key", "same").json(&body).send().await.unwrap();
+            let r = http
+                .post(url)
+                .header("X-Idempotency-Key", "same")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap()["id"].clone())
         }));
     }
@@ -130,7 +192,10 @@ async fn concurrent_retries_with_one_key_create_one_case() {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "every retry got the same case");
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases").fetch_one(&s.db().await).await.unwrap();
+    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
+        .fetch_one(&s.db().await)
+        .await
+        .unwrap();
     assert_eq!(cases, 1);
     s.stop().await;
 }
@@ -143,31 +208,87 @@ async fn bad_requests_get_problem_details() {
     assert_eq!(problem(missing, 400).await["type"], "/problems/idempotency-key-missing");
     let long_key = "k".repeat(300);
     problem(post_case(&s, &long_key, &ok).await, 400).await;
-    let syntax = s.http.post(s.url("/cases")).header("X-Idempotency-Key", "a").header("content-type", "application/json").body("{\"title\": ").send().await.unwrap();
+    let syntax = s
+        .http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", "a")
+        .header("content-type", "application/json")
+        .body("{\"title\": ")
+        .send()
+        .await
+        .unwrap();
     problem(syntax, 400).await;
     let p = problem(post_case(&s, "b", &json!({"title": "t"})).await, 422).await;
     assert!(p["detail"].as_str().unwrap().contains("customer_id"));
-    let p = problem(post_case(&s, "c", &json!({"title": "  ", "customer_id": ""})).await, 422).await;
-    let names: Vec<&str> = p["invalid-params"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    let p = problem(
+        post_case(&s, "c", &json!({"title": "  ", "customer_id": ""})).await,
+        422,
+    )
+    .await;
+    let names: Vec<&str> = p["invalid-params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["title", "customer_id"]);
     problem(post_case(&s, "d", &json!({"title": 5, "customer_id": "c"})).await, 422).await;
     problem(post_case(&s, "e", &json!([1, 2])).await, 422).await;
-    let xml = s.http.post(s.url("/cases")).header("X-Idempotency-Key", "f").header("content-type", "text/xml").body("<a/>").send().await.unwrap();
+    let xml = s
+        .http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", "f")
+        .header("content-type", "text/xml")
+        .body("<a/>")
+        .send()
+        .await
+        .unwrap();
     problem(xml, 415).await;
-    let huge = s.http.post(s.url("/cases")).header("X-Idempotency-Key", "g").header("content-type", "application/json").body(vec![b' '; 3 << 20]).send().await.unwrap();
+    let huge = s
+        .http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", "g")
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await
+        .unwrap();
     problem(huge, 413).await;
 
-    problem(s.http.get(s.url("/cases/0190b7a2-0000-7000-8000-000000000000")).send().await.unwrap(), 404).await;
+    problem(
+        s.http
+            .get(s.url("/cases/0190b7a2-0000-7000-8000-000000000000"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
     problem(s.http.get(s.url("/cases/not-a-uuid")).send().await.unwrap(), 400).await;
     problem(s.http.get(s.url("/nowhere")).send().await.unwrap(), 404).await;
     problem(s.http.delete(s.url("/cases")).send().await.unwrap(), 405).await;
-    problem(s.http.get(s.url("/trace/unknown-correlation")).send().await.unwrap(), 404).await;
-    for q in ["page=0", "page=-1", "limit=0", "limit=101", "page=abc", "limit=1.5", "page=99999999999999999999999"] {
+    problem(
+        s.http.get(s.url("/trace/unknown-correlation")).send().await.unwrap(),
+        404,
+    )
+    .await;
+    for q in [
+        "page=0",
+        "page=-1",
+        "limit=0",
+        "limit=101",
+        "page=abc",
+        "limit=1.5",
+        "page=99999999999999999999999",
+    ] {
         let p = problem(s.http.get(s.url(&format!("/cases?{q}"))).send().await.unwrap(), 400).await;
         assert!(p["invalid-params"].is_array(), "{q}");
     }
     // Nothing was created by any of these.
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases").fetch_one(&s.db().await).await.unwrap();
+    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
+        .fetch_one(&s.db().await)
+        .await
+        .unwrap();
     assert_eq!(cases, 0);
     s.stop().await;
 }
@@ -176,11 +297,32 @@ async fn bad_requests_get_problem_details() {
 async fn pagination_edges() {
     let s = TestService::start().await;
     for i in 0..45 {
-        assert_eq!(post_case(&s, &format!("p{i}"), &json!({"title": format!("case {i}"), "customer_id": "c"})).await.status(), 201);
+        assert_eq!(
+            post_case(
+                &s,
+                &format!("p{i}"),
+                &json!({"title": format!("case {i}"), "customer_id": "c"})
+            )
+            .await
+            .status(),
+            201
+        );
     }
-    let page = async |q: &str| -> Value { s.http.get(s.url(&format!("/cases?{q}"))).send().await.unwrap().json().await.unwrap() };
+    let page = async |q: &str| -> Value {
+        s.http
+            .get(s.url(&format!("/cases?{q}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
     let p1 = page("").await;
-    assert_eq!(p1["pagination"], json!({"page": 1, "limit": 20, "total": 45, "totalPages": 3}));
+    assert_eq!(
+        p1["pagination"],
+        json!({"page": 1, "limit": 20, "total": 45, "totalPages": 3})
+    );
     assert_eq!(p1["data"].as_array().unwrap().len(), 20);
     assert_eq!(p1["data"][0]["title"], "case 0");
     let p3 = page("page=3").await;
@@ -212,13 +354,30 @@ async fn invalid_correlation_ids_are_replaced_not_echoed() {
         .unwrap();
     assert_eq!(res.status(), 201);
     let echoed = res.headers()["x-correlation-id"].to_str().unwrap().to_owned();
-    assert!(uuid::Uuid::parse_str(&echoed).is_ok(), "a fresh id replaced the invalid one");
+    assert!(
+        uuid::Uuid::parse_str(&echoed).is_ok(),
+        "a fresh id replaced the invalid one"
+    );
     let case: Value = res.json().await.unwrap();
     assert_eq!(case["correlation_id"], echoed);
     let db = s.db().await;
-    let envelope: Vec<u8> = sqlx::query_scalar("SELECT envelope FROM seaport_outbox").fetch_one(&db).await.unwrap();
-    assert_eq!(serde_json::from_slice::<Value>(&envelope).unwrap()["correlationid"], echoed);
-    let health: Value = s.http.get(s.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let envelope: Vec<u8> = sqlx::query_scalar("SELECT envelope FROM seaport_outbox")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&envelope).unwrap()["correlationid"],
+        echoed
+    );
+    let health: Value = s
+        .http
+        .get(s.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     s.stop().await;
 }

@@ -20,10 +20,16 @@ impl TestService {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_owned(),
             idempotency_retention: Duration::from_secs(3600),
+            ack_wait: Duration::from_secs(30),
         };
         let running = app::start(config).await.unwrap();
         let base = format!("http://{}", running.addr);
-        TestService { running: Some(running), base, dir, http: reqwest::Client::new() }
+        TestService {
+            running: Some(running),
+            base,
+            dir,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -31,7 +37,9 @@ impl TestService {
     }
 
     pub async fn db(&self) -> sqlx::SqlitePool {
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.dir.path().join("seaport.db").display())).await.unwrap()
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.dir.path().join("seaport.db").display()))
+            .await
+            .unwrap()
     }
 
     pub async fn stop(mut self) {

@@ -77,7 +77,9 @@ impl RunnerConfig {
     /// Delay before delivery `attempt + 1`: exponential, half fixed and half random ("equal
     /// jitter"), so retries of many failed messages do not arrive in lockstep.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.base_backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let exp = self
+            .base_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         let capped = exp.min(self.max_backoff);
         let half = capped / 2;
         half + rand::thread_rng().gen_range(Duration::ZERO..=half)
@@ -103,8 +105,21 @@ pub struct ConsumerRunner {
 }
 
 impl ConsumerRunner {
-    pub fn new(store: SqliteStore, broker: Arc<dyn Broker>, stream: &str, config: RunnerConfig, handler: Arc<dyn Handler>) -> Self {
-        ConsumerRunner { store, broker, stream: stream.to_owned(), config, handler, outbox: Outbox::new() }
+    pub fn new(
+        store: SqliteStore,
+        broker: Arc<dyn Broker>,
+        stream: &str,
+        config: RunnerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        ConsumerRunner {
+            store,
+            broker,
+            stream: stream.to_owned(),
+            config,
+            handler,
+            outbox: Outbox::new(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -113,7 +128,10 @@ impl ConsumerRunner {
 
     /// Consume until `shutdown` turns `true`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
-        let mut sub = self.broker.subscribe(&self.stream, self.config.consumer.clone()).await?;
+        let mut sub = self
+            .broker
+            .subscribe(&self.stream, self.config.consumer.clone())
+            .await?;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -171,10 +189,11 @@ impl ConsumerRunner {
             parent: &event,
             outbox: &self.outbox,
         };
-        let result = match tokio::time::timeout(self.config.handler_timeout, self.handler.handle(&mut ctx, &event)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("handler timed out after {:?}", self.config.handler_timeout)),
-        };
+        let result =
+            match tokio::time::timeout(self.config.handler_timeout, self.handler.handle(&mut ctx, &event)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("handler timed out after {:?}", self.config.handler_timeout)),
+            };
         match result {
             Ok(()) => {
                 tx.commit().await?;

@@ -131,9 +131,12 @@ mod tests {
         let parent = Event::new("sea.cases.created", "/sea/cases", serde_json::json!({"id": "c1"}))
             .with_subject("c1")
             .correlated("corr-1", Some("req-1".into()));
-        let mut child = Event::new("sea.notifications.queued", "/sea/notifications", serde_json::json!({}))
-            .caused_by(&parent);
-        child.extensions.insert("traceparent".into(), serde_json::json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        let mut child =
+            Event::new("sea.notifications.queued", "/sea/notifications", serde_json::json!({})).caused_by(&parent);
+        child.extensions.insert(
+            "traceparent".into(),
+            serde_json::json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
         for e in [&parent, &child] {
             let back = Event::from_json(&e.to_json()).unwrap();
             assert_eq!(&back, e);
@@ -144,7 +147,10 @@ mod tests {
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["type"], "sea.notifications.queued");
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
-        assert_eq!(v["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(
+            v["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
         // UUIDv7
         assert_eq!(Uuid::parse_str(&parent.id).unwrap().get_version_num(), 7);
     }

@@ -6,13 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use seaport::Event;
 use seaport::broker::embedded::EmbeddedBroker;
 use seaport::broker::{Broker, BrokerError, ConsumerConfig, OutgoingMessage, PublishAck, Subscription};
 use seaport::consumer::{ConsumerRunner, Handler, HandlerContext, HandlerError, Outcome, RunnerConfig};
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::outbox::{self, Outbox};
 use seaport::store::sqlite::SqliteStore;
-use seaport::Event;
 use tokio::sync::watch;
 
 struct Db {
@@ -23,7 +23,10 @@ struct Db {
 async fn db() -> Db {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
-    sqlx::query("CREATE TABLE widgets (id TEXT PRIMARY KEY)").execute(store.pool()).await.unwrap();
+    sqlx::query("CREATE TABLE widgets (id TEXT PRIMARY KEY)")
+        .execute(store.pool())
+        .await
+        .unwrap();
     sqlx::query("CREATE TABLE effects (consumer TEXT NOT NULL, event_id TEXT NOT NULL, worker TEXT NOT NULL)")
         .execute(store.pool())
         .await
@@ -47,7 +50,11 @@ async fn write_events(store: &SqliteStore, n: usize) -> Vec<Event> {
     for i in 0..n {
         let e = event(i);
         let mut tx = store.begin_write().await.unwrap();
-        sqlx::query("INSERT INTO widgets (id) VALUES (?)").bind(&e.id).execute(&mut *tx).await.unwrap();
+        sqlx::query("INSERT INTO widgets (id) VALUES (?)")
+            .bind(&e.id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         outbox.insert(&mut tx, &e).await.unwrap();
         tx.commit().await.unwrap();
         events.push(e);
@@ -126,25 +133,46 @@ async fn outbox_row_and_domain_row_commit_or_roll_back_together() {
     let outbox = Outbox::new();
     let e = event(1);
     let mut tx = db.store.begin_write().await.unwrap();
-    sqlx::query("INSERT INTO widgets (id) VALUES (?)").bind(&e.id).execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO widgets (id) VALUES (?)")
+        .bind(&e.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     outbox.insert(&mut tx, &e).await.unwrap();
     tx.rollback().await.unwrap();
     let count = |table: &'static str| {
         let pool = db.store.pool().clone();
-        async move { sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"))).fetch_one(&pool).await.unwrap() }
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!((count("widgets").await, count("seaport_outbox").await), (0, 0));
 
     // A failure after the outbox insert (here: a duplicate domain key) takes the event with it.
     let mut tx = db.store.begin_write().await.unwrap();
     outbox.insert(&mut tx, &e).await.unwrap();
-    sqlx::query("INSERT INTO widgets (id) VALUES ('x')").execute(&mut *tx).await.unwrap();
-    assert!(sqlx::query("INSERT INTO widgets (id) VALUES ('x')").execute(&mut *tx).await.is_err());
+    sqlx::query("INSERT INTO widgets (id) VALUES ('x')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert!(
+        sqlx::query("INSERT INTO widgets (id) VALUES ('x')")
+            .execute(&mut *tx)
+            .await
+            .is_err()
+    );
     drop(tx); // dropped without commit = rolled back
     assert_eq!((count("widgets").await, count("seaport_outbox").await), (0, 0));
 
     let mut tx = db.store.begin_write().await.unwrap();
-    sqlx::query("INSERT INTO widgets (id) VALUES (?)").bind(&e.id).execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO widgets (id) VALUES (?)")
+        .bind(&e.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     outbox.insert(&mut tx, &e).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!((count("widgets").await, count("seaport_outbox").await), (1, 1));
@@ -203,15 +231,26 @@ async fn relay_publishes_in_commit_order_and_never_marks_unconfirmed_rows() {
     let inner = broker(&db.store).await;
     let events = write_events(&db.store, 30).await;
     let refused = events[7].id.clone();
-    let broker = Arc::new(Refusing { inner: inner.clone(), refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])) });
-    let relay = Relay::new(db.store.clone(), broker.clone(), RelayConfig { batch_size: 10, ..Default::default() });
+    let broker = Arc::new(Refusing {
+        inner: inner.clone(),
+        refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])),
+    });
+    let relay = Relay::new(
+        db.store.clone(),
+        broker.clone(),
+        RelayConfig {
+            batch_size: 10,
+            ..Default::default()
+        },
+    );
 
     let pass = relay.run_once().await.unwrap();
     assert_eq!((pass.published, pass.failed), (9, 1));
-    let unpublished: Vec<String> = sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE published_at IS NULL ORDER BY seq")
-        .fetch_all(db.store.pool())
-        .await
-        .unwrap();
+    let unpublished: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE published_at IS NULL ORDER BY seq")
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
     assert_eq!(unpublished.len(), 21);
     assert_eq!(unpublished[0], refused, "the refused row stays unpublished");
     let err: Option<String> = sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = ?")
@@ -221,15 +260,22 @@ async fn relay_publishes_in_commit_order_and_never_marks_unconfirmed_rows() {
         .unwrap();
     assert!(err.unwrap().contains("injected"));
     // Every row marked published is really in the broker's log.
-    let in_log: Vec<String> = sqlx::query_scalar("SELECT msg_id FROM seaport_broker_messages ORDER BY seq").fetch_all(db.store.pool()).await.unwrap();
-    let marked: Vec<String> = sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE published_at IS NOT NULL ORDER BY seq")
+    let in_log: Vec<String> = sqlx::query_scalar("SELECT msg_id FROM seaport_broker_messages ORDER BY seq")
         .fetch_all(db.store.pool())
         .await
         .unwrap();
+    let marked: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE published_at IS NOT NULL ORDER BY seq")
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
     assert_eq!(in_log, marked);
 
     while relay.run_once().await.unwrap().published > 0 {}
-    let mut sub = inner.subscribe("SEA", ConsumerConfig::new("order_check", "sea.>")).await.unwrap();
+    let mut sub = inner
+        .subscribe("SEA", ConsumerConfig::new("order_check", "sea.>"))
+        .await
+        .unwrap();
     let got = sub.fetch(100, Duration::from_millis(100)).await.unwrap();
     let ids: Vec<&str> = got.iter().map(|d| d.message.id.as_str()).collect();
     let mut expected: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
@@ -246,14 +292,24 @@ async fn relay_publishes_in_commit_order_and_never_marks_unconfirmed_rows() {
 async fn relay_wakes_on_commit_without_waiting_for_the_poll() {
     let db = db().await;
     let broker = broker(&db.store).await;
-    let relay = Relay::new(db.store.clone(), broker.clone(), RelayConfig { poll_interval: Duration::from_secs(3600), ..Default::default() });
+    let relay = Relay::new(
+        db.store.clone(),
+        broker.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(relay.run(stopped));
     tokio::time::sleep(Duration::from_millis(100)).await; // the relay is now idle, waiting
     let events = write_events(&db.store, 3).await;
     let pool = db.store.pool().clone();
     wait_for("the relay to publish without a poll", async || {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL").fetch_one(&pool).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
         n == events.len() as i64
     })
     .await;
@@ -265,13 +321,25 @@ async fn relay_wakes_on_commit_without_waiting_for_the_poll() {
 async fn broker_dedupes_publishes_by_message_id() {
     let db = db().await;
     let broker = broker(&db.store).await;
-    let m = OutgoingMessage { id: "m1".into(), subject: "sea.a".into(), headers: BTreeMap::new(), payload: b"x".to_vec() };
+    let m = OutgoingMessage {
+        id: "m1".into(),
+        subject: "sea.a".into(),
+        headers: BTreeMap::new(),
+        payload: b"x".to_vec(),
+    };
     let first = broker.publish(&[m.clone()]).await.remove(0).unwrap();
     let second = broker.publish(&[m.clone()]).await.remove(0).unwrap();
     assert!(!first.duplicate && second.duplicate);
     assert_eq!(first.seq, second.seq);
-    let other = OutgoingMessage { subject: "elsewhere.a".into(), id: "m2".into(), ..m };
-    assert!(matches!(broker.publish(&[other]).await.remove(0), Err(BrokerError::NoStream(_))));
+    let other = OutgoingMessage {
+        subject: "elsewhere.a".into(),
+        id: "m2".into(),
+        ..m
+    };
+    assert!(matches!(
+        broker.publish(&[other]).await.remove(0),
+        Err(BrokerError::NoStream(_))
+    ));
 }
 
 #[tokio::test]
@@ -285,7 +353,9 @@ async fn fan_out_every_durable_gets_every_message() {
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     for name in ["analytics__from_sea", "audit__from_sea", "notifications__from_sea"] {
-        tasks.push(tokio::spawn(runner(&db.store, broker.clone(), name, Recorder::new(name)).run(stopped.clone())));
+        tasks.push(tokio::spawn(
+            runner(&db.store, broker.clone(), name, Recorder::new(name)).run(stopped.clone()),
+        ));
     }
     for name in ["analytics__from_sea", "audit__from_sea", "notifications__from_sea"] {
         let store = db.store.clone();
@@ -315,10 +385,15 @@ async fn consumer_group_workers_share_messages_without_overlap() {
         let mut h = Recorder::new(worker);
         h.delay = Duration::from_millis(10);
         calls.push(h.calls.clone());
-        tasks.push(tokio::spawn(runner(&db.store, broker.clone(), "sea_service__context", h).run(stopped.clone())));
+        tasks.push(tokio::spawn(
+            runner(&db.store, broker.clone(), "sea_service__context", h).run(stopped.clone()),
+        ));
     }
     let store = db.store.clone();
-    wait_for("the group to process everything", async || effects(&store, "sea_service__context").await.len() >= 40).await;
+    wait_for("the group to process everything", async || {
+        effects(&store, "sea_service__context").await.len() >= 40
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await; // give a wrong duplicate time to show up
     stop.send(true).unwrap();
     for t in tasks {
@@ -330,7 +405,11 @@ async fn consumer_group_workers_share_messages_without_overlap() {
     ids.dedup();
     assert_eq!(ids.len(), 40, "none lost");
     assert_eq!(got.len(), 40, "none handled by both");
-    assert_eq!(calls.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>(), 40, "no handler ran twice");
+    assert_eq!(
+        calls.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>(),
+        40,
+        "no handler ran twice"
+    );
     for w in ["w1", "w2"] {
         assert!(got.iter().any(|(_, worker)| worker == w), "{w} took a share");
     }
@@ -343,13 +422,19 @@ async fn failed_handler_is_redelivered_and_its_effects_rolled_back() {
     let db = db().await;
     let broker = broker(&db.store).await;
     let events = write_events(&db.store, 3).await;
-    Relay::new(db.store.clone(), broker.clone(), RelayConfig::default()).run_once().await.unwrap();
+    Relay::new(db.store.clone(), broker.clone(), RelayConfig::default())
+        .run_once()
+        .await
+        .unwrap();
 
     let h = Recorder::new("w");
     h.failures_left.lock().unwrap().insert(events[1].id.clone(), 2);
     let calls = h.calls.clone();
     let r = runner(&db.store, broker.clone(), "retrying", h);
-    let mut sub = broker.subscribe("SEA", ConsumerConfig::new("retrying", "sea.>")).await.unwrap();
+    let mut sub = broker
+        .subscribe("SEA", ConsumerConfig::new("retrying", "sea.>"))
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     while seen.iter().filter(|(o, _, _)| *o == Outcome::Processed).count() < 3 {
         let batch = sub.fetch(1, Duration::from_secs(5)).await.unwrap();
@@ -359,9 +444,15 @@ async fn failed_handler_is_redelivered_and_its_effects_rolled_back() {
             seen.push((o, d.delivery_count, d.message.id.clone()));
         }
     }
-    let for_failing: Vec<u32> = seen.iter().filter(|(_, _, id)| *id == events[1].id).map(|(_, n, _)| *n).collect();
+    let for_failing: Vec<u32> = seen
+        .iter()
+        .filter(|(_, _, id)| *id == events[1].id)
+        .map(|(_, n, _)| *n)
+        .collect();
     assert_eq!(for_failing, vec![1, 2, 3], "delivery counter counts the attempts");
-    assert!(matches!(&seen.iter().find(|(_, _, id)| *id == events[1].id).unwrap().0, Outcome::Retry { error, .. } if error.contains("injected")));
+    assert!(
+        matches!(&seen.iter().find(|(_, _, id)| *id == events[1].id).unwrap().0, Outcome::Retry { error, .. } if error.contains("injected"))
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 5);
     // The failed attempts wrote effects that were rolled back: one effect per event.
     assert_eq!(effects(&db.store, "retrying").await.len(), 3);
@@ -372,7 +463,10 @@ async fn unacknowledged_message_is_redelivered_after_ack_wait() {
     let db = db().await;
     let broker = broker(&db.store).await;
     let events = write_events(&db.store, 1).await;
-    Relay::new(db.store.clone(), broker.clone(), RelayConfig::default()).run_once().await.unwrap();
+    Relay::new(db.store.clone(), broker.clone(), RelayConfig::default())
+        .run_once()
+        .await
+        .unwrap();
     let mut cfg = ConsumerConfig::new("slow", "sea.>");
     cfg.ack_wait = Duration::from_millis(300);
     let mut a = broker.subscribe("SEA", cfg.clone()).await.unwrap();
@@ -384,9 +478,15 @@ async fn unacknowledged_message_is_redelivered_after_ack_wait() {
     assert!(b.fetch(1, Duration::from_millis(100)).await.unwrap().is_empty());
     // ...but once the ack wait expires without an ack, it does.
     let again = b.fetch(1, Duration::from_secs(5)).await.unwrap();
-    assert_eq!((again[0].message.id.as_str(), again[0].delivery_count), (events[0].id.as_str(), 2));
+    assert_eq!(
+        (again[0].message.id.as_str(), again[0].delivery_count),
+        (events[0].id.as_str(), 2)
+    );
     again[0].ack().await.unwrap();
-    assert!(a.fetch(1, Duration::from_millis(500)).await.unwrap().is_empty(), "acked means done");
+    assert!(
+        a.fetch(1, Duration::from_millis(500)).await.unwrap().is_empty(),
+        "acked means done"
+    );
 }
 
 #[tokio::test]
@@ -397,13 +497,21 @@ async fn duplicate_message_runs_the_handler_once() {
     // The same event arriving twice under two message ids (e.g. re-published by another
     // producer after its broker dedupe window): the broker cannot tell, the inbox can.
     for msg_id in ["copy-1", "copy-2"] {
-        let m = OutgoingMessage { id: msg_id.into(), subject: e.ty.clone(), headers: BTreeMap::new(), payload: e.to_json() };
+        let m = OutgoingMessage {
+            id: msg_id.into(),
+            subject: e.ty.clone(),
+            headers: BTreeMap::new(),
+            payload: e.to_json(),
+        };
         broker.publish(&[m]).await.remove(0).unwrap();
     }
     let h = Recorder::new("w");
     let calls = h.calls.clone();
     let r = runner(&db.store, broker.clone(), "dedupe", h);
-    let mut sub = broker.subscribe("SEA", ConsumerConfig::new("dedupe", "sea.>")).await.unwrap();
+    let mut sub = broker
+        .subscribe("SEA", ConsumerConfig::new("dedupe", "sea.>"))
+        .await
+        .unwrap();
     let batch = sub.fetch(10, Duration::from_secs(1)).await.unwrap();
     assert_eq!(batch.len(), 2);
     let outcomes: Vec<Outcome> = {
@@ -416,7 +524,10 @@ async fn duplicate_message_runs_the_handler_once() {
     assert_eq!(outcomes, vec![Outcome::Processed, Outcome::Duplicate]);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(effects(&db.store, "dedupe").await.len(), 1);
-    assert!(sub.fetch(10, Duration::from_millis(100)).await.unwrap().is_empty(), "the duplicate was acked");
+    assert!(
+        sub.fetch(10, Duration::from_millis(100)).await.unwrap().is_empty(),
+        "the duplicate was acked"
+    );
 }
 
 #[tokio::test]
@@ -424,21 +535,34 @@ async fn message_that_keeps_failing_ends_in_dead_letters() {
     let db = db().await;
     let broker = broker(&db.store).await;
     let events = write_events(&db.store, 2).await;
-    Relay::new(db.store.clone(), broker.clone(), RelayConfig::default()).run_once().await.unwrap();
+    Relay::new(db.store.clone(), broker.clone(), RelayConfig::default())
+        .run_once()
+        .await
+        .unwrap();
     let h = Recorder::new("w");
     h.failures_left.lock().unwrap().insert(events[0].id.clone(), usize::MAX);
-    let mut cfg = RunnerConfig::new(ConsumerConfig { max_deliver: 3, ..ConsumerConfig::new("poison", "sea.>") });
+    let mut cfg = RunnerConfig::new(ConsumerConfig {
+        max_deliver: 3,
+        ..ConsumerConfig::new("poison", "sea.>")
+    });
     cfg.base_backoff = Duration::from_millis(10);
     let r = ConsumerRunner::new(db.store.clone(), broker.clone(), "SEA", cfg, Arc::new(h));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(r.run(stopped));
     let pool = db.store.pool().clone();
     wait_for("the dead letter", async || {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seaport_dead_letters").fetch_one(&pool).await.unwrap() == 1
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seaport_dead_letters")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 1
     })
     .await;
     let store = db.store.clone();
-    wait_for("the healthy message", async || effects(&store, "poison").await.len() == 1).await;
+    wait_for("the healthy message", async || {
+        effects(&store, "poison").await.len() == 1
+    })
+    .await;
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     let (id, count, error, consumer): (String, i64, String, String) =
@@ -446,8 +570,14 @@ async fn message_that_keeps_failing_ends_in_dead_letters() {
             .fetch_one(db.store.pool())
             .await
             .unwrap();
-    assert_eq!((id.as_str(), count, consumer.as_str()), (events[0].id.as_str(), 3, "poison"));
+    assert_eq!(
+        (id.as_str(), count, consumer.as_str()),
+        (events[0].id.as_str(), 3, "poison")
+    );
     assert!(error.contains("injected failure"));
-    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_pending").fetch_one(db.store.pool()).await.unwrap();
+    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_pending")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
     assert_eq!(pending, 0, "the dead-lettered message was settled");
 }

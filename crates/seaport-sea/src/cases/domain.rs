@@ -51,16 +51,30 @@ impl CreateCaseRequest {
         if customer_id.is_empty() {
             invalid.push(("customer_id", "must not be empty".into()));
         } else if customer_id.chars().count() > MAX_CUSTOMER_ID || customer_id.chars().any(char::is_control) {
-            invalid.push(("customer_id", format!("must be at most {MAX_CUSTOMER_ID} printable characters")));
+            invalid.push((
+                "customer_id",
+                format!("must be at most {MAX_CUSTOMER_ID} printable characters"),
+            ));
         }
         let description = self.description.map(|d| d.trim().to_owned()).filter(|d| !d.is_empty());
-        if description.as_ref().is_some_and(|d| d.chars().count() > MAX_DESCRIPTION) {
+        if description
+            .as_ref()
+            .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION)
+        {
             invalid.push(("description", format!("must be at most {MAX_DESCRIPTION} characters")));
         }
         if invalid.is_empty() {
-            Ok(NewCase { title, customer_id, description })
+            Ok(NewCase {
+                title,
+                customer_id,
+                description,
+            })
         } else {
-            let detail = invalid.iter().map(|(n, r)| format!("{n} {r}")).collect::<Vec<_>>().join("; ");
+            let detail = invalid
+                .iter()
+                .map(|(n, r)| format!("{n} {r}"))
+                .collect::<Vec<_>>()
+                .join("; ");
             Err(Problem::unprocessable(detail).with_invalid_params(&invalid))
         }
     }

@@ -33,10 +33,12 @@ pub async fn insert(tx: &mut SqliteConnection, new: NewCase, correlation_id: &st
 }
 
 pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Case>, sqlx::Error> {
-    sqlx::query_as("SELECT id, title, description, customer_id, status, correlation_id, created_at FROM cases WHERE id = ?")
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as(
+        "SELECT id, title, description, customer_id, status, correlation_id, created_at FROM cases WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// One page in creation order, and the total count.

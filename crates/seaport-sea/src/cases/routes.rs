@@ -1,12 +1,12 @@
 //! `POST /cases`, `GET /cases`, `GET /cases/{id}`.
 
+use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Json;
 use http::{HeaderMap, StatusCode, header};
 use seaport::Event;
 use seaport::http::idempotency::{self, IdempotencyKey, Lookup, StoredResponse};
@@ -19,7 +19,9 @@ use super::{CASE_CREATED, SOURCE, repo};
 use crate::app::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/cases", get(list_cases).post(create_case)).route("/cases/{id}", get(get_case))
+    Router::new()
+        .route("/cases", get(list_cases).post(create_case))
+        .route("/cases/{id}", get(get_case))
 }
 
 /// The caller an idempotency key belongs to: `X-Client-Id` if given and well-formed. Until
@@ -42,7 +44,10 @@ fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
             if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
                 Ok(())
             } else {
-                Err(Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("expected application/json, got {ct:?}")))
+                Err(Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("expected application/json, got {ct:?}"),
+                ))
             }
         }
     }
@@ -67,15 +72,21 @@ async fn create_case(
     match idempotency::lookup(&mut tx, &scope, &key, &fingerprint).await? {
         Lookup::Replay(stored) => return Ok(stored.replay()),
         Lookup::Mismatch => {
-            return Err(Problem::unprocessable("this idempotency key was already used for a different request")
-                .with_type("/problems/idempotency-key-reused", "Idempotency key reused"));
+            return Err(
+                Problem::unprocessable("this idempotency key was already used for a different request")
+                    .with_type("/problems/idempotency-key-reused", "Idempotency key reused"),
+            );
         }
         Lookup::New => {}
     }
     let case = repo::insert(&mut tx, new_case, &corr.correlation_id).await?;
-    let event = Event::new(CASE_CREATED, SOURCE, serde_json::to_value(&case).expect("case serialises"))
-        .with_subject(&case.id)
-        .correlated(&corr.correlation_id, Some(corr.request_id.clone()));
+    let event = Event::new(
+        CASE_CREATED,
+        SOURCE,
+        serde_json::to_value(&case).expect("case serialises"),
+    )
+    .with_subject(&case.id)
+    .correlated(&corr.correlation_id, Some(corr.request_id.clone()));
     app.outbox.insert(&mut tx, &event).await?;
     let stored = StoredResponse {
         status: StatusCode::CREATED.as_u16(),

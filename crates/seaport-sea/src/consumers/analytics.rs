@@ -11,7 +11,11 @@ pub struct Analytics;
 #[async_trait]
 impl Handler for Analytics {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
-        let day = event.time.unwrap_or_else(chrono::Utc::now).format("%Y-%m-%d").to_string();
+        let day = event
+            .time
+            .unwrap_or_else(chrono::Utc::now)
+            .format("%Y-%m-%d")
+            .to_string();
         let count: i64 = sqlx::query_scalar(
             "INSERT INTO analytics_counts (event_type, day, count) VALUES (?, ?, 1)
              ON CONFLICT (event_type, day) DO UPDATE SET count = count + 1
@@ -21,7 +25,13 @@ impl Handler for Analytics {
         .bind(&day)
         .fetch_one(&mut *ctx.tx)
         .await?;
-        record_effect(ctx.tx, ctx.consumer, event, &format!("counted {} on {day} (now {count})", event.ty)).await?;
+        record_effect(
+            ctx.tx,
+            ctx.consumer,
+            event,
+            &format!("counted {} on {day} (now {count})", event.ty),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -19,15 +19,22 @@ pub const AUDIT: &str = "audit__from_sea";
 
 /// Record what a consumer did for an event (for `/trace` and the exactly-once checks), in the
 /// handler's transaction.
-pub async fn record_effect(tx: &mut SqliteConnection, consumer: &str, event: &Event, effect: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO consumer_effects (consumer, event_id, correlation_id, effect, recorded_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(consumer)
-        .bind(&event.id)
-        .bind(&event.correlationid)
-        .bind(effect)
-        .bind(now())
-        .execute(tx)
-        .await?;
+pub async fn record_effect(
+    tx: &mut SqliteConnection,
+    consumer: &str,
+    event: &Event,
+    effect: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO consumer_effects (consumer, event_id, correlation_id, effect, recorded_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(consumer)
+    .bind(&event.id)
+    .bind(&event.correlationid)
+    .bind(effect)
+    .bind(now())
+    .execute(tx)
+    .await?;
     Ok(())
 }
 

@@ -20,7 +20,9 @@ impl Handler for Notifications {
         }
         let data = event.data.as_ref().ok_or("case event without data")?;
         let case_id = data["id"].as_str().ok_or("case event without data.id")?;
-        let recipient = data["customer_id"].as_str().ok_or("case event without data.customer_id")?;
+        let recipient = data["customer_id"]
+            .as_str()
+            .ok_or("case event without data.customer_id")?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO notifications (event_id, case_id, recipient, template, created_at)
              VALUES (?, ?, ?, 'case_created', ?) RETURNING id",
@@ -38,7 +40,13 @@ impl Handler for Notifications {
         )
         .with_subject(case_id);
         ctx.emit(queued).await?;
-        record_effect(ctx.tx, ctx.consumer, event, &format!("queued notification #{id} (case_created) for customer {recipient}")).await?;
+        record_effect(
+            ctx.tx,
+            ctx.consumer,
+            event,
+            &format!("queued notification #{id} (case_created) for customer {recipient}"),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -32,24 +32,31 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     pub fn new(store: &SqliteStore) -> Self {
-        EmbeddedBroker { store: store.clone(), published: watch::channel(0).0 }
+        EmbeddedBroker {
+            store: store.clone(),
+            published: watch::channel(0).0,
+        }
     }
 
     fn signal(&self) {
         self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    async fn publish_all(&self, messages: &[OutgoingMessage]) -> Result<Vec<Result<PublishAck, BrokerError>>, sqlx::Error> {
+    async fn publish_all(
+        &self,
+        messages: &[OutgoingMessage],
+    ) -> Result<Vec<Result<PublishAck, BrokerError>>, sqlx::Error> {
         let mut tx = self.store.begin_write().await?;
-        let streams: Vec<(String, Vec<String>)> = sqlx::query("SELECT name, subjects FROM seaport_broker_streams ORDER BY name")
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(|r| {
-                let subjects: String = r.get(1);
-                (r.get(0), serde_json::from_str(&subjects).unwrap_or_default())
-            })
-            .collect();
+        let streams: Vec<(String, Vec<String>)> =
+            sqlx::query("SELECT name, subjects FROM seaport_broker_streams ORDER BY name")
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    let subjects: String = r.get(1);
+                    (r.get(0), serde_json::from_str(&subjects).unwrap_or_default())
+                })
+                .collect();
         let now = now_ms();
         let mut results = Vec::with_capacity(messages.len());
         for m in messages {
@@ -57,7 +64,10 @@ impl EmbeddedBroker {
                 results.push(Err(BrokerError::InvalidSubject(m.subject.clone())));
                 continue;
             }
-            let Some((stream, _)) = streams.iter().find(|(_, subs)| subs.iter().any(|f| subject_matches(f, &m.subject))) else {
+            let Some((stream, _)) = streams
+                .iter()
+                .find(|(_, subs)| subs.iter().any(|f| subject_matches(f, &m.subject)))
+            else {
                 results.push(Err(BrokerError::NoStream(m.subject.clone())));
                 continue;
             };
@@ -79,15 +89,20 @@ impl EmbeddedBroker {
             let (seq, duplicate) = match inserted {
                 Some(seq) => (seq, false),
                 None => {
-                    let seq: i64 = sqlx::query_scalar("SELECT seq FROM seaport_broker_messages WHERE stream = ? AND msg_id = ?")
-                        .bind(stream)
-                        .bind(&m.id)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                    let seq: i64 =
+                        sqlx::query_scalar("SELECT seq FROM seaport_broker_messages WHERE stream = ? AND msg_id = ?")
+                            .bind(stream)
+                            .bind(&m.id)
+                            .fetch_one(&mut *tx)
+                            .await?;
                     (seq, true)
                 }
             };
-            results.push(Ok(PublishAck { stream: stream.clone(), seq: seq as u64, duplicate }));
+            results.push(Ok(PublishAck {
+                stream: stream.clone(),
+                seq: seq as u64,
+                duplicate,
+            }));
         }
         tx.commit().await?;
         Ok(results)
@@ -123,7 +138,10 @@ impl Broker for EmbeddedBroker {
             // The whole batch is one transaction: nothing of it is stored.
             Err(e) => {
                 let e = e.to_string();
-                messages.iter().map(|_| Err(BrokerError::Unavailable(e.clone()))).collect()
+                messages
+                    .iter()
+                    .map(|_| Err(BrokerError::Unavailable(e.clone())))
+                    .collect()
             }
         }
     }
@@ -263,18 +281,23 @@ impl EmbeddedSubscription {
             .bind(seq)
             .execute(&mut *tx)
             .await?;
-            claims.push(Claim { seq, delivery_count: count as u32 + 1 });
+            claims.push(Claim {
+                seq,
+                delivery_count: count as u32 + 1,
+            });
         }
 
         // New messages, in stream order, skipping subjects outside the filter.
         let scan_page = (max as i64).max(64);
         while claims.len() < max {
-            let rows = sqlx::query("SELECT seq, subject FROM seaport_broker_messages WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?")
-                .bind(&self.stream)
-                .bind(delivered_seq)
-                .bind(scan_page)
-                .fetch_all(&mut *tx)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT seq, subject FROM seaport_broker_messages WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(&self.stream)
+            .bind(delivered_seq)
+            .bind(scan_page)
+            .fetch_all(&mut *tx)
+            .await?;
             let full_page = rows.len() as i64 == scan_page;
             for r in rows {
                 let seq: i64 = r.get(0);
@@ -317,7 +340,12 @@ impl EmbeddedSubscription {
                 stream: self.stream.clone(),
                 consumer: self.config.durable.clone(),
             };
-            deliveries.push(Delivery::new(message, c.delivery_count, max_deliver as u32, Box::new(acker)));
+            deliveries.push(Delivery::new(
+                message,
+                c.delivery_count,
+                max_deliver as u32,
+                Box::new(acker),
+            ));
         }
         let next_due: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(visible_at) FROM seaport_broker_pending WHERE stream = ? AND consumer = ? AND state = 'pending'",

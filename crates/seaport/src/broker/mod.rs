@@ -80,7 +80,11 @@ pub enum BrokerError {
     #[error("invalid subject or filter {0:?}")]
     InvalidSubject(String),
     #[error("consumer {durable:?} already exists on stream {stream:?} with a different filter {existing:?}")]
-    ConsumerMismatch { stream: String, durable: String, existing: String },
+    ConsumerMismatch {
+        stream: String,
+        durable: String,
+        existing: String,
+    },
     #[error("invalid durable name {0:?}: use 1-256 of A-Z a-z 0-9 _ -")]
     InvalidDurable(String),
     #[error("unknown consumer {0:?}")]
@@ -142,7 +146,12 @@ pub trait Acker: Send + Sync {
 
 impl Delivery {
     pub fn new(message: Message, delivery_count: u32, max_deliver: u32, acker: Box<dyn Acker>) -> Self {
-        Delivery { message, delivery_count, max_deliver, acker }
+        Delivery {
+            message,
+            delivery_count,
+            max_deliver,
+            acker,
+        }
     }
 
     /// Done with it: never deliver it to this durable again.
@@ -163,7 +172,9 @@ impl Delivery {
 /// Is `subject` a valid concrete subject (dot-separated non-empty tokens, no wildcards)?
 pub fn valid_subject(subject: &str) -> bool {
     !subject.is_empty()
-        && subject.split('.').all(|t| !t.is_empty() && t != "*" && t != ">" && !t.contains(char::is_whitespace))
+        && subject
+            .split('.')
+            .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.contains(char::is_whitespace))
 }
 
 /// Is `name` a valid durable consumer name (as on JetStream: no dots, wildcards or spaces)?

@@ -30,7 +30,13 @@ pub struct Correlation {
 impl Correlation {
     /// Read the context from request headers. Invalid values are ignored, never echoed.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let read = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| valid_id(v)).map(str::to_owned);
+        let read = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| valid_id(v))
+                .map(str::to_owned)
+        };
         Correlation {
             correlation_id: read(CORRELATION_ID).unwrap_or_else(new_id),
             request_id: read(REQUEST_ID).unwrap_or_else(new_id),
@@ -40,7 +46,10 @@ impl Correlation {
 
     /// Headers for an outgoing call made while handling this request.
     pub fn outgoing_headers(&self) -> [(&'static str, String); 2] {
-        [(CORRELATION_ID, self.correlation_id.clone()), (CAUSATION_ID, self.request_id.clone())]
+        [
+            (CORRELATION_ID, self.correlation_id.clone()),
+            (CAUSATION_ID, self.request_id.clone()),
+        ]
     }
 }
 
@@ -53,7 +62,8 @@ fn new_id() -> String {
 /// log line or a header.
 pub fn valid_id(v: &str) -> bool {
     (1..=128).contains(&v.len())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@' | b'/' | b'+' | b'='))
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@' | b'/' | b'+' | b'='))
 }
 
 /// Tower layer that attaches a [`Correlation`] to each request and echoes its ids.

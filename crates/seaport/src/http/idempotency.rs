@@ -133,7 +133,8 @@ impl StoredResponse {
                 res.headers_mut().insert(n, v);
             }
         }
-        res.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        res.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         res
     }
 }
@@ -150,7 +151,12 @@ pub enum Lookup {
 }
 
 /// Look the key up inside the transaction that will do the work.
-pub async fn lookup(tx: &mut SqliteConnection, scope: &str, key: &IdempotencyKey, fingerprint: &str) -> Result<Lookup, sqlx::Error> {
+pub async fn lookup(
+    tx: &mut SqliteConnection,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+) -> Result<Lookup, sqlx::Error> {
     let row = sqlx::query(
         "SELECT fingerprint, status, headers, body FROM seaport_idempotency_keys
          WHERE scope = ? AND key = ? AND expires_at > ?",
@@ -203,11 +209,13 @@ pub async fn store(
 
 /// Delete expired keys; returns how many.
 pub async fn sweep_expired(conn: &mut SqliteConnection) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query("DELETE FROM seaport_idempotency_keys WHERE expires_at <= ?")
-        .bind(now_ms())
-        .execute(conn)
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("DELETE FROM seaport_idempotency_keys WHERE expires_at <= ?")
+            .bind(now_ms())
+            .execute(conn)
+            .await?
+            .rows_affected(),
+    )
 }
 
 #[cfg(test)]
@@ -217,9 +225,20 @@ mod tests {
     #[test]
     fn parses_keys_in_both_forms() {
         assert_eq!(IdempotencyKey::parse(b"abc-1").unwrap().as_str(), "abc-1");
-        assert_eq!(IdempotencyKey::parse(br#""8e03978e-40d5""#).unwrap().as_str(), "8e03978e-40d5");
+        assert_eq!(
+            IdempotencyKey::parse(br#""8e03978e-40d5""#).unwrap().as_str(),
+            "8e03978e-40d5"
+        );
         assert_eq!(IdempotencyKey::parse(br#""a\"b""#).unwrap().as_str(), "a\"b");
-        for bad in [&b""[..], b"\"\"", b"\"abc", b"a\"b", b"\"a\\x\"", b"caf\xc3\xa9", b"\x01"] {
+        for bad in [
+            &b""[..],
+            b"\"\"",
+            b"\"abc",
+            b"a\"b",
+            b"\"a\\x\"",
+            b"caf\xc3\xa9",
+            b"\x01",
+        ] {
             assert!(IdempotencyKey::parse(bad).is_err(), "{bad:?}");
         }
         assert!(IdempotencyKey::parse("k".repeat(255).as_bytes()).is_ok());

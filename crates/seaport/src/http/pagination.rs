@@ -19,7 +19,10 @@ pub struct PageRequest {
 
 impl Default for PageRequest {
     fn default() -> Self {
-        PageRequest { page: 1, limit: DEFAULT_LIMIT }
+        PageRequest {
+            page: 1,
+            limit: DEFAULT_LIMIT,
+        }
     }
 }
 
@@ -51,7 +54,11 @@ impl PageRequest {
         if invalid.is_empty() {
             Ok(req)
         } else {
-            let detail = invalid.iter().map(|(n, r)| format!("{n} {r}")).collect::<Vec<_>>().join("; ");
+            let detail = invalid
+                .iter()
+                .map(|(n, r)| format!("{n} {r}"))
+                .collect::<Vec<_>>()
+                .join("; ");
             Err(Problem::bad_request(detail).with_invalid_params(&invalid))
         }
     }
@@ -81,7 +88,10 @@ fn decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' => match (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) {
+            b'%' => match (
+                bytes.get(i + 1).and_then(|&b| hex(b)),
+                bytes.get(i + 2).and_then(|&b| hex(b)),
+            ) {
                 (Some(h), Some(l)) => {
                     out.push(h << 4 | l);
                     i += 2;
@@ -116,7 +126,12 @@ impl<T> Page<T> {
     pub fn new(data: Vec<T>, req: PageRequest, total: u64) -> Self {
         Page {
             data,
-            pagination: PageInfo { page: req.page, limit: req.limit, total, total_pages: total.div_ceil(req.limit) },
+            pagination: PageInfo {
+                page: req.page,
+                limit: req.limit,
+                total,
+                total_pages: total.div_ceil(req.limit),
+            },
         }
     }
 }
@@ -127,11 +142,28 @@ mod tests {
 
     #[test]
     fn defaults_and_bounds() {
-        assert_eq!(PageRequest::from_query(None).unwrap(), PageRequest { page: 1, limit: 20 });
-        assert_eq!(PageRequest::from_query(Some("page=3&limit=100&x=1")).unwrap(), PageRequest { page: 3, limit: 100 });
+        assert_eq!(
+            PageRequest::from_query(None).unwrap(),
+            PageRequest { page: 1, limit: 20 }
+        );
+        assert_eq!(
+            PageRequest::from_query(Some("page=3&limit=100&x=1")).unwrap(),
+            PageRequest { page: 3, limit: 100 }
+        );
         assert_eq!(PageRequest::from_query(Some("limit=1")).unwrap().limit, 1);
-        for bad in ["page=0", "page=-1", "limit=0", "limit=101", "page=abc", "limit=", "page=1&page=2",
-                    "page=99999999999999999999999999999999999999999", "page=1.5", "page=%ZZ", "page=1e3"] {
+        for bad in [
+            "page=0",
+            "page=-1",
+            "limit=0",
+            "limit=101",
+            "page=abc",
+            "limit=",
+            "page=1&page=2",
+            "page=99999999999999999999999999999999999999999",
+            "page=1.5",
+            "page=%ZZ",
+            "page=1e3",
+        ] {
             let p = PageRequest::from_query(Some(bad)).unwrap_err();
             assert_eq!(p.status, 400, "{bad}");
             assert!(p.extensions.contains_key("invalid-params"));

@@ -54,7 +54,10 @@ impl Problem {
     /// For failures that are ours, not the client's. The detail stays in the logs.
     pub fn internal(error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "internal error");
-        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "the server failed to handle the request; it was logged")
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server failed to handle the request; it was logged",
+        )
     }
 
     /// A typed problem: `ty` is a URI reference (e.g. `/problems/idempotency-key-missing`).
@@ -76,7 +79,10 @@ impl Problem {
 
     /// RFC 9457 §3's `invalid-params` extension: which inputs were wrong and why.
     pub fn with_invalid_params(self, params: &[(&str, String)]) -> Self {
-        let list = params.iter().map(|(n, r)| serde_json::json!({"name": n, "reason": r})).collect();
+        let list = params
+            .iter()
+            .map(|(n, r)| serde_json::json!({"name": n, "reason": r}))
+            .collect();
         self.with_extension("invalid-params", Value::Array(list))
     }
 
@@ -90,7 +96,8 @@ impl IntoResponse for Problem {
         let status = self.status();
         let body = serde_json::to_vec(&self).expect("a problem always serialises");
         let mut res = (status, body).into_response();
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         res
     }
 }
@@ -122,7 +129,9 @@ impl From<crate::outbox::OutboxError> for Problem {
 /// shape (422), with the serde error's position in the detail.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Problem::unprocessable(format!("request body does not match the expected shape: {e}")),
+        serde_json::error::Category::Data => {
+            Problem::unprocessable(format!("request body does not match the expected shape: {e}"))
+        }
         _ => Problem::bad_request(format!("request body is not valid JSON: {e}")),
     })
 }

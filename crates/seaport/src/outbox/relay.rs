@@ -34,7 +34,11 @@ pub struct RelayConfig {
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig { batch_size: 256, poll_interval: Duration::from_millis(500), max_backoff: Duration::from_secs(5) }
+        RelayConfig {
+            batch_size: 256,
+            poll_interval: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(5),
+        }
     }
 }
 
@@ -117,7 +121,15 @@ impl Relay {
                     (MSG_ID_HEADER.to_owned(), id.clone()),
                     ("content-type".to_owned(), CLOUDEVENTS_JSON.to_owned()),
                 ]);
-                Row_ { seq: r.get(0), message: OutgoingMessage { id, subject: r.get(2), headers, payload: r.get(3) } }
+                Row_ {
+                    seq: r.get(0),
+                    message: OutgoingMessage {
+                        id,
+                        subject: r.get(2),
+                        headers,
+                        payload: r.get(3),
+                    },
+                }
             })
             .collect())
     }
@@ -145,7 +157,11 @@ impl Relay {
                     None
                 }
                 Ok(pass) => {
-                    tracing::warn!(failed = pass.failed, published = pass.published, "broker refused events; retrying");
+                    tracing::warn!(
+                        failed = pass.failed,
+                        published = pass.published,
+                        "broker refused events; retrying"
+                    );
                     Some(backoff)
                 }
                 Err(e) => {

@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqliteOperation, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqliteOperation, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
@@ -111,8 +110,15 @@ impl SqliteStore {
             })
             .connect_with(options)
             .await?;
-        migrator().run(&pool).await.map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        Ok(SqliteStore { pool, outbox_commits, writers: Arc::new(Mutex::new(())) })
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        Ok(SqliteStore {
+            pool,
+            outbox_commits,
+            writers: Arc::new(Mutex::new(())),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -128,7 +134,10 @@ impl SqliteStore {
     /// transaction that reads before it writes cannot fail with `SQLITE_BUSY` halfway through.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
         let turn = self.writer_turn().await;
-        Ok(WriteTx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await?, _turn: turn })
+        Ok(WriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _turn: turn,
+        })
     }
 
     /// Wait for this process's writer turn; hold it around a single autocommit write statement.
