@@ -1,7 +1,13 @@
 //! Wiring: storage, broker, relay, consumers and the HTTP API of the sea service.
+//!
+//! Two deployments, one code path: SQLite + the embedded broker (default), or PostgreSQL + NATS
+//! JetStream (`--database-url postgres://... --nats-url nats://...`). SQLite + JetStream works
+//! too. Roles let each part scale on its own: `api` (HTTP), `relay` (outbox → broker, plus
+//! retention), `worker` (the consumers), `all`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,66 +15,171 @@ use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
 use seaport::broker::embedded::EmbeddedBroker;
+use seaport::broker::jetstream::JetStreamBroker;
 use seaport::broker::{Broker, ConsumerConfig};
 use seaport::consumer::{ConsumerRunner, Handler, RunnerConfig};
 use seaport::http::{CorrelationLayer, Problem};
+use seaport::on_pool;
 use seaport::outbox::Outbox;
 use seaport::outbox::relay::{Relay, RelayConfig};
-use seaport::store::sqlite::SqliteStore;
+use seaport::retention::RetentionConfig;
+use seaport::store::Db;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::consumers::{ANALYTICS, AUDIT, Analytics, Audit, NOTIFICATIONS, Notifications};
 
-/// The stream every sea event goes to.
-pub const STREAM: &str = "SEA";
-pub const SUBJECTS: &str = "sea.>";
-
 /// The service's migrations (its own tables; Seaport's come with the library).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Which parts of the service this process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    Relay,
+    Worker,
+    All,
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "api" => Ok(Role::Api),
+            "relay" => Ok(Role::Relay),
+            "worker" => Ok(Role::Worker),
+            "all" => Ok(Role::All),
+            other => Err(format!("unknown role {other:?} (expected api, relay, worker or all)")),
+        }
+    }
+}
+
+impl Role {
+    fn api(self) -> bool {
+        matches!(self, Role::Api | Role::All)
+    }
+    fn relay(self) -> bool {
+        matches!(self, Role::Relay | Role::All)
+    }
+    fn worker(self) -> bool {
+        matches!(self, Role::Worker | Role::All)
+    }
+}
+
+/// Maps the service's event types (`sea.cases.created`) to broker subjects under a root, so
+/// several independent deployments (or tests) can share one NATS server.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub root: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics { root: "sea".to_owned() }
+    }
+}
+
+impl Topics {
+    pub fn topic(&self, event_type: &str) -> String {
+        match event_type.strip_prefix("sea.") {
+            Some(rest) => format!("{}.{rest}", self.root),
+            None => event_type.to_owned(),
+        }
+    }
+
+    pub fn filter(&self) -> String {
+        format!("{}.>", self.root)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `postgres://...`; `None` = SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// `nats://...`; `None` = the embedded broker (SQLite only).
+    pub nats_url: Option<String>,
+    pub role: Role,
+    /// Broker stream name and subject root.
+    pub stream: String,
+    pub topics: Topics,
     pub idempotency_retention: Duration,
     /// Redelivery delay of a message whose consumer neither acked nor nak'ed it.
     pub ack_wait: Duration,
+    pub retention: RetentionConfig,
 }
 
 impl Config {
+    /// Defaults of the embedded deployment, with data in `data_dir`.
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            data_dir: data_dir.into(),
+            database_url: None,
+            nats_url: None,
+            role: Role::All,
+            stream: "SEA".to_owned(),
+            topics: Topics::default(),
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            ack_wait: Duration::from_secs(30),
+            retention: RetentionConfig::default(),
+        }
+    }
+
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("seaport.db")
+    }
+
+    /// Where the data is, for messages (never includes a password).
+    pub fn database_label(&self) -> String {
+        match &self.database_url {
+            Some(url) => match url.split_once('@') {
+                Some((_, host)) => format!("postgres://…@{host}"),
+                None => url.clone(),
+            },
+            None => self.database_path().display().to_string(),
+        }
     }
 }
 
 /// What every request handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: SqliteStore,
+    pub store: Db,
     pub outbox: Outbox,
+    pub topics: Topics,
     pub idempotency_retention: Duration,
 }
 
-/// Open the database (creating it), apply Seaport's and the service's migrations.
-pub async fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
-    let path = config.database_path();
-    let store = SqliteStore::open(&path)
+/// Open the database (creating a SQLite file if needed), apply Seaport's and the service's
+/// migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
+    let target = match &config.database_url {
+        Some(url) => url.clone(),
+        None => config.database_path().display().to_string(),
+    };
+    let db = Db::open(&target)
         .await
-        .with_context(|| format!("cannot open the database {}", path.display()))?;
-    MIGRATOR
-        .run(store.pool())
-        .await
-        .context("cannot apply the service's migrations")?;
-    Ok(store)
+        .with_context(|| format!("cannot open the database {}", config.database_label()))?;
+    match &db {
+        Db::Sqlite(s) => SQLITE_MIGRATOR.run(s.pool()).await,
+        Db::Postgres(p) => POSTGRES_MIGRATOR.run(p.pool()).await,
+    }
+    .context("cannot apply the service's migrations")?;
+    Ok(db)
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(crate::cases::routes::router())
-        .route("/trace/{correlation_id}", get(crate::trace::route))
-        .route("/healthz", get(healthz))
+pub fn router(state: AppState, role: Role) -> Router {
+    let mut router = Router::new().route("/healthz", get(healthz));
+    if role.api() {
+        router = router
+            .merge(crate::cases::routes::router())
+            .route("/trace/{correlation_id}", get(crate::trace::route));
+    }
+    router
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -83,7 +194,7 @@ pub fn router(state: AppState) -> Router {
 async fn healthz(
     axum::extract::State(app): axum::extract::State<AppState>,
 ) -> Result<axum::Json<serde_json::Value>, Problem> {
-    sqlx::query("SELECT 1").execute(app.store.pool()).await.map_err(|e| {
+    on_pool!(&app.store, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(|e| {
         tracing::error!(error = %e, "health check failed");
         Problem::new(http::StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
     })?;
@@ -120,14 +231,30 @@ impl Running {
     }
 }
 
-/// Start everything: HTTP API, relay, and the three fan-out consumers.
+/// The broker of this deployment.
+pub async fn connect_broker(config: &Config, db: &Db) -> anyhow::Result<Arc<dyn Broker>> {
+    let broker: Arc<dyn Broker> = match (&config.nats_url, db) {
+        (Some(url), _) => Arc::new(
+            JetStreamBroker::connect(url)
+                .await
+                .with_context(|| format!("cannot use NATS at {url}"))?,
+        ),
+        (None, Db::Sqlite(s)) => Arc::new(EmbeddedBroker::new(s)),
+        (None, Db::Postgres(_)) => anyhow::bail!(
+            "PostgreSQL needs a real broker: pass --nats-url nats://... (the embedded broker lives in the SQLite file)"
+        ),
+    };
+    broker
+        .ensure_stream(&config.stream, &[&config.topics.filter()])
+        .await
+        .with_context(|| format!("cannot create the {} stream", config.stream))?;
+    Ok(broker)
+}
+
+/// Start the parts of the service that `config.role` names.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = open_store(&config).await?;
-    let broker = Arc::new(EmbeddedBroker::new(&store));
-    broker
-        .ensure_stream(STREAM, &[SUBJECTS])
-        .await
-        .context("cannot create the SEA stream")?;
+    let broker = connect_broker(&config, &store).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -136,38 +263,53 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
-    let relay = Relay::new(store.clone(), broker.clone(), RelayConfig::default());
-    let r = stopped.clone();
-    tasks.spawn(async move {
-        relay.run(r).await;
-        Ok(())
-    });
-
-    let handlers: [(&str, Arc<dyn Handler>); 3] = [
-        (ANALYTICS, Arc::new(Analytics)),
-        (NOTIFICATIONS, Arc::new(Notifications)),
-        (AUDIT, Arc::new(Audit)),
-    ];
-    for (name, handler) in handlers {
-        let mut consumer = ConsumerConfig::new(name, SUBJECTS);
-        consumer.ack_wait = config.ack_wait;
-        let runner = ConsumerRunner::new(
-            store.clone(),
-            broker.clone(),
-            STREAM,
-            RunnerConfig::new(consumer),
-            handler,
-        );
+    if config.role.relay() {
+        let relay = Relay::new(store.clone(), broker.clone(), RelayConfig::default());
         let r = stopped.clone();
-        tasks.spawn(async move { runner.run(r).await.with_context(|| format!("consumer {name} failed")) });
+        tasks.spawn(async move {
+            relay.run(r).await;
+            Ok(())
+        });
+        let (db, retention, r) = (store.clone(), config.retention.clone(), stopped.clone());
+        tasks.spawn(async move {
+            seaport::retention::run(db, retention, r).await;
+            Ok(())
+        });
+    }
+
+    if config.role.worker() {
+        let handlers: [(&str, Arc<dyn Handler>); 3] = [
+            (ANALYTICS, Arc::new(Analytics)),
+            (
+                NOTIFICATIONS,
+                Arc::new(Notifications {
+                    topics: config.topics.clone(),
+                }),
+            ),
+            (AUDIT, Arc::new(Audit)),
+        ];
+        for (name, handler) in handlers {
+            let mut consumer = ConsumerConfig::new(name, config.topics.filter());
+            consumer.ack_wait = config.ack_wait;
+            let runner = ConsumerRunner::new(
+                store.clone(),
+                broker.clone(),
+                &config.stream,
+                RunnerConfig::new(consumer),
+                handler,
+            );
+            let r = stopped.clone();
+            tasks.spawn(async move { runner.run(r).await.with_context(|| format!("consumer {name} failed")) });
+        }
     }
 
     let state = AppState {
         store: store.clone(),
         outbox: Outbox::new(),
+        topics: config.topics.clone(),
         idempotency_retention: config.idempotency_retention,
     };
-    let app = router(state);
+    let app = router(state, config.role);
     let mut r = stopped.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)
@@ -177,6 +319,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .context("HTTP server failed")
     });
-    tracing::info!(%addr, db = %config.database_path().display(), "seaport serving");
+    tracing::info!(%addr, role = ?config.role, db = %config.database_label(), broker = config.nats_url.as_deref().unwrap_or("embedded"), "seaport serving");
     Ok(Running { addr, stop, tasks })
 }

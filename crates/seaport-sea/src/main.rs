@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use seaport_sea::app::{self, Config};
+use seaport_sea::app::{self, Config, Role};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +18,9 @@ struct Cli {
     /// Where the embedded database lives (`<dir>/seaport.db`).
     #[arg(long, global = true, env = "SEAPORT_DATA_DIR", default_value = "./seaport-data")]
     data_dir: PathBuf,
+    /// PostgreSQL instead of SQLite, e.g. postgres://postgres@127.0.0.1/seaport.
+    #[arg(long, global = true, env = "SEAPORT_DATABASE_URL")]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +35,24 @@ enum Command {
         /// How long stored idempotent responses are kept, in hours.
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
         idempotency_retention_hours: u64,
+        /// NATS JetStream instead of the embedded broker, e.g. nats://127.0.0.1:4222.
+        #[arg(long, env = "SEAPORT_NATS_URL")]
+        nats_url: Option<String>,
+        /// Which parts to run: api, relay, worker or all.
+        #[arg(long, env = "SEAPORT_ROLE", default_value = "all")]
+        role: Role,
+        /// Broker stream of the service's events.
+        #[arg(long, default_value = "SEA")]
+        stream: String,
+        /// Subject root of the service's events (`<root>.cases.created`, consumers on `<root>.>`).
+        #[arg(long, default_value = "sea")]
+        subject_root: String,
+        /// Published outbox rows are deleted after this many hours.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87600))]
+        outbox_retention_hours: u64,
+        /// Inbox records are deleted after this many hours (must exceed any redelivery horizon).
+        #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
+        inbox_retention_hours: u64,
         /// How long a consumer may hold a message unacknowledged before it is delivered again
         /// (e.g. after the process died mid-handler).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -91,13 +111,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             idempotency_retention_hours,
             ack_wait_secs,
+            nats_url,
+            role,
+            stream,
+            subject_root,
+            outbox_retention_hours,
+            inbox_retention_hours,
         } => {
-            let config = Config {
-                listen,
-                data_dir: cli.data_dir,
-                idempotency_retention: Duration::from_secs(idempotency_retention_hours * 3600),
-                ack_wait: Duration::from_secs(ack_wait_secs),
-            };
+            anyhow::ensure!(
+                seaport::broker::valid_durable(&stream),
+                "--stream {stream:?} is not a valid stream name"
+            );
+            anyhow::ensure!(
+                seaport::broker::valid_subject(&subject_root),
+                "--subject-root {subject_root:?} is not a valid subject"
+            );
+            let mut config = Config::embedded(cli.data_dir);
+            config.listen = listen;
+            config.database_url = cli.database_url;
+            config.nats_url = nats_url;
+            config.role = role;
+            config.stream = stream;
+            config.topics = app::Topics { root: subject_root };
+            config.idempotency_retention = Duration::from_secs(idempotency_retention_hours * 3600);
+            config.ack_wait = Duration::from_secs(ack_wait_secs);
+            config.retention.outbox = Duration::from_secs(outbox_retention_hours * 3600);
+            config.retention.inbox = Duration::from_secs(inbox_retention_hours * 3600);
             let running = app::start(config).await?;
             println!("seaport listening on http://{}", running.addr);
             running.until(shutdown_signal()).await
@@ -105,9 +144,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Outbox {
             command: OutboxCommand::Status { json },
         } => {
-            let store = open_existing(&cli.data_dir).await?;
-            let mut conn = store.pool().acquire().await?;
-            let s = seaport::outbox::status(&mut conn).await?;
+            let store = open_existing(&cli.data_dir, cli.database_url).await?;
+            let s = seaport::outbox::status(&store).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -126,9 +164,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 seaport::http::correlation::valid_id(&correlation_id),
                 "{correlation_id:?} is not a valid correlation id"
             );
-            let store = open_existing(&cli.data_dir).await?;
-            let mut conn = store.pool().acquire().await?;
-            let trace = seaport_sea::trace::load(&mut conn, &correlation_id).await?;
+            let store = open_existing(&cli.data_dir, cli.database_url).await?;
+            let trace = seaport_sea::trace::load(&store, &correlation_id).await?;
             anyhow::ensure!(
                 !trace.events.is_empty(),
                 "no events recorded for correlation id {correlation_id}"
@@ -166,20 +203,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Operator commands read an existing database; they never create an empty one by mistake.
-async fn open_existing(data_dir: &std::path::Path) -> anyhow::Result<seaport::store::sqlite::SqliteStore> {
-    let path = data_dir.join("seaport.db");
-    anyhow::ensure!(
-        path.exists(),
-        "no database at {} (start `seaport serve` first, or pass --data-dir)",
-        path.display()
-    );
-    let config = Config {
-        listen: "127.0.0.1:0".parse().expect("valid"),
-        data_dir: data_dir.to_owned(),
-        idempotency_retention: Duration::ZERO,
-        ack_wait: Duration::ZERO,
-    };
-    app::open_store(&config).await.context("cannot open the database")
+async fn open_existing(data_dir: &std::path::Path, database_url: Option<String>) -> anyhow::Result<seaport::store::Db> {
+    let mut config = Config::embedded(data_dir);
+    if database_url.is_none() {
+        let path = config.database_path();
+        anyhow::ensure!(
+            path.exists(),
+            "no database at {} (start `seaport serve` first, or pass --data-dir)",
+            path.display()
+        );
+    }
+    config.database_url = database_url;
+    app::open_store(&config).await
 }
 
 async fn shutdown_signal() {

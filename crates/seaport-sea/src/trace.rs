@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 use axum::Json;
 use axum::extract::{Path, State};
 use seaport::http::Problem;
+use seaport::on_pool;
+use seaport::store::Db;
 use serde::Serialize;
-use sqlx::{Row, SqliteConnection};
 
 use crate::app::AppState;
 
@@ -40,51 +41,56 @@ pub struct SeenBy {
     pub effects: Vec<String>,
 }
 
-pub async fn load(conn: &mut SqliteConnection, correlation_id: &str) -> Result<Trace, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT event_id, event_type, source, subject, event_time, causation_id FROM audit_log
-         WHERE correlation_id = ? ORDER BY seq",
-    )
-    .bind(correlation_id)
-    .fetch_all(&mut *conn)
-    .await?;
+type EventRow = (String, String, String, Option<String>, Option<String>, Option<String>);
+
+pub async fn load(db: &Db, correlation_id: &str) -> Result<Trace, sqlx::Error> {
+    let (rows, inbox, effects) = on_pool!(db, p => {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT event_id, event_type, source, subject, event_time, causation_id FROM audit_log
+             WHERE correlation_id = $1 ORDER BY seq",
+        )
+        .bind(correlation_id)
+        .fetch_all(p)
+        .await?;
+        let inbox: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT consumer, message_id, processed_at FROM seaport_inbox WHERE correlation_id = $1
+             ORDER BY processed_at, consumer",
+        )
+        .bind(correlation_id)
+        .fetch_all(p)
+        .await?;
+        let effects: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT consumer, event_id, effect FROM consumer_effects WHERE correlation_id = $1 ORDER BY id")
+                .bind(correlation_id)
+                .fetch_all(p)
+                .await?;
+        (rows, inbox, effects)
+    });
     let mut events: Vec<TracedEvent> = rows
         .into_iter()
-        .map(|r| TracedEvent {
-            id: r.get(0),
-            ty: r.get(1),
-            source: r.get(2),
-            subject: r.get(3),
-            time: r.get(4),
-            causation_id: r.get(5),
+        .map(|(id, ty, source, subject, time, causation_id)| TracedEvent {
+            id,
+            ty,
+            source,
+            subject,
+            time,
+            causation_id,
             depth: 0,
             consumers: Vec::new(),
         })
         .collect();
-
     let mut seen: BTreeMap<String, Vec<SeenBy>> = BTreeMap::new();
-    let inbox = sqlx::query("SELECT consumer, message_id, processed_at FROM seaport_inbox WHERE correlation_id = ? ORDER BY processed_at, consumer")
-        .bind(correlation_id)
-        .fetch_all(&mut *conn)
-        .await?;
-    for r in inbox {
-        let at: i64 = r.get(2);
-        let at = chrono::DateTime::from_timestamp_millis(at)
+    for (consumer, message_id, at) in inbox {
+        let processed_at = chrono::DateTime::from_timestamp_millis(at)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default();
-        seen.entry(r.get(1)).or_default().push(SeenBy {
-            consumer: r.get(0),
-            processed_at: at,
+        seen.entry(message_id).or_default().push(SeenBy {
+            consumer,
+            processed_at,
             effects: Vec::new(),
         });
     }
-    let effects =
-        sqlx::query("SELECT consumer, event_id, effect FROM consumer_effects WHERE correlation_id = ? ORDER BY id")
-            .bind(correlation_id)
-            .fetch_all(&mut *conn)
-            .await?;
-    for r in effects {
-        let (consumer, event_id, effect): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+    for (consumer, event_id, effect) in effects {
         if let Some(s) = seen
             .get_mut(&event_id)
             .and_then(|v| v.iter_mut().find(|s| s.consumer == consumer))
@@ -144,8 +150,7 @@ pub async fn route(State(app): State<AppState>, Path(correlation_id): Path<Strin
     if !seaport::http::correlation::valid_id(&correlation_id) {
         return Err(Problem::bad_request("not a valid correlation id"));
     }
-    let mut conn = app.store.pool().acquire().await?;
-    let trace = load(&mut conn, &correlation_id).await?;
+    let trace = load(&app.store, &correlation_id).await?;
     if trace.events.is_empty() {
         return Err(Problem::not_found(format!(
             "no events recorded for correlation id {correlation_id} (yet)"

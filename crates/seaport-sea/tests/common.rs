@@ -16,12 +16,8 @@ pub struct TestService {
 impl TestService {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().to_owned(),
-            idempotency_retention: Duration::from_secs(3600),
-            ack_wait: Duration::from_secs(30),
-        };
+        let mut config = Config::embedded(dir.path());
+        config.listen = "127.0.0.1:0".parse().unwrap();
         let running = app::start(config).await.unwrap();
         let base = format!("http://{}", running.addr);
         TestService {

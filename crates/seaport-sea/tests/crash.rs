@@ -89,7 +89,7 @@ async fn db(dir: &Path) -> sqlx::SqlitePool {
 
 async fn effects_of(pool: &sqlx::SqlitePool, event_id: &str) -> Vec<(String, i64)> {
     sqlx::query_as(
-        "SELECT consumer, COUNT(*) FROM consumer_effects WHERE event_id = ? GROUP BY consumer ORDER BY consumer",
+        "SELECT consumer, COUNT(*) FROM consumer_effects WHERE event_id = $1 GROUP BY consumer ORDER BY consumer",
     )
     .bind(event_id)
     .fetch_all(pool)
@@ -118,7 +118,7 @@ async fn survive(point: &str) {
 
     let pool = db(dir.path()).await;
     let event_id: String = sqlx::query_scalar(
-        "SELECT event_id FROM seaport_outbox WHERE topic = 'sea.cases.created' AND ordering_key = ?",
+        "SELECT event_id FROM seaport_outbox WHERE topic = 'sea.cases.created' AND ordering_key = $1",
     )
     .bind(case["id"].as_str().unwrap())
     .fetch_one(&pool)
@@ -126,17 +126,17 @@ async fn survive(point: &str) {
     .expect("the acknowledged case's event is in the outbox");
 
     // The crash really happened at the worst moment for this point.
-    let in_broker: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = ?")
+    let in_broker: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = $1")
         .bind(&event_id)
         .fetch_one(&pool)
         .await
         .unwrap();
-    let marked: Option<i64> = sqlx::query_scalar("SELECT published_at FROM seaport_outbox WHERE event_id = ?")
+    let marked: Option<i64> = sqlx::query_scalar("SELECT published_at FROM seaport_outbox WHERE event_id = $1")
         .bind(&event_id)
         .fetch_one(&pool)
         .await
         .unwrap();
-    let in_inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_inbox WHERE message_id = ?")
+    let in_inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_inbox WHERE message_id = $1")
         .bind(&event_id)
         .fetch_one(&pool)
         .await
@@ -166,7 +166,7 @@ async fn survive(point: &str) {
         want,
         "exactly one effect per consumer"
     );
-    let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = ?")
+    let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = $1")
         .bind(&event_id)
         .fetch_one(&pool)
         .await

@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
-use sqlx::SqliteConnection;
 use tokio::sync::watch;
 
 use crate::broker::{Broker, BrokerError, ConsumerConfig, Delivery};
 use crate::crash::crash_point;
 use crate::event::Event;
 use crate::inbox;
+use crate::on_conn;
 use crate::outbox::{Outbox, OutboxError};
 use crate::store::now_ms;
-use crate::store::sqlite::SqliteStore;
+use crate::store::{Db, Tx};
 
 /// What a handler may fail with; the message is retried, then dead-lettered with this text.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,7 +34,8 @@ pub trait Handler: Send + Sync + 'static {
 
 /// What a handler gets besides the event: the transaction, and who/which attempt it is.
 pub struct HandlerContext<'a> {
-    pub tx: &'a mut SqliteConnection,
+    /// The transaction the inbox record is in; use it with [`on_conn!`](crate::on_conn).
+    pub tx: &'a mut Tx,
     pub consumer: &'a str,
     pub delivery_count: u32,
     parent: &'a Event,
@@ -46,7 +47,13 @@ impl HandlerContext<'_> {
     /// correlation id and its id as causation id.
     pub async fn emit(&mut self, event: Event) -> Result<i64, OutboxError> {
         let event = event.caused_by(self.parent);
-        self.outbox.insert(self.tx, &event).await
+        self.outbox.insert(&mut *self.tx, &event).await
+    }
+
+    /// Like [`emit`](Self::emit), published under `topic` instead of the event type.
+    pub async fn emit_to(&mut self, topic: &str, event: Event) -> Result<i64, OutboxError> {
+        let event = event.caused_by(self.parent);
+        self.outbox.insert_to(&mut *self.tx, topic, &event).await
     }
 }
 
@@ -96,7 +103,7 @@ pub enum Outcome {
 }
 
 pub struct ConsumerRunner {
-    store: SqliteStore,
+    store: Db,
     broker: Arc<dyn Broker>,
     stream: String,
     config: RunnerConfig,
@@ -106,14 +113,14 @@ pub struct ConsumerRunner {
 
 impl ConsumerRunner {
     pub fn new(
-        store: SqliteStore,
+        store: impl Into<Db>,
         broker: Arc<dyn Broker>,
         stream: &str,
         config: RunnerConfig,
         handler: Arc<dyn Handler>,
     ) -> Self {
         ConsumerRunner {
-            store,
+            store: store.into(),
             broker,
             stream: stream.to_owned(),
             config,
@@ -220,11 +227,13 @@ impl ConsumerRunner {
 
     async fn dead_letter(&self, delivery: &Delivery, error: &str) -> Result<(), sqlx::Error> {
         let m = &delivery.message;
+        let headers = serde_json::to_string(&m.headers).expect("string map serialises");
+        let now = now_ms();
         let mut tx = self.store.begin_write().await?;
-        sqlx::query(
+        on_conn!(&mut tx, c => sqlx::query(
             "INSERT INTO seaport_dead_letters
                 (consumer, stream, stream_seq, message_id, subject, headers, payload, delivery_count, last_error, failed_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (consumer, stream, stream_seq) DO UPDATE SET
                 delivery_count = excluded.delivery_count, last_error = excluded.last_error, failed_at = excluded.failed_at",
         )
@@ -233,13 +242,14 @@ impl ConsumerRunner {
         .bind(m.stream_seq as i64)
         .bind(&m.id)
         .bind(&m.subject)
-        .bind(serde_json::to_string(&m.headers).expect("string map serialises"))
+        .bind(&headers)
         .bind(&m.payload)
         .bind(delivery.delivery_count as i64)
         .bind(error)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|_| ()))?;
         tx.commit().await
     }
 }

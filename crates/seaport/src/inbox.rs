@@ -1,37 +1,40 @@
 //! Inbox + Idempotency: record `(consumer, message id)` in the same transaction as the handler's
 //! effects. If the record already exists the message was processed before (a redelivery or a
-//! re-publish) and the handler must not run again.
+//! re-publish) and the handler must not run again. On PostgreSQL a concurrent insert of the same
+//! record waits for the first transaction, then sees the conflict: two workers can never both
+//! commit effects for one message.
 
-use sqlx::SqliteConnection;
-
-use crate::store::now_ms;
+use crate::on_conn;
+use crate::store::{Conn, now_ms};
 
 /// Record that `consumer` processes `message_id`. Returns `false` if it already did.
-pub async fn record(
-    tx: &mut SqliteConnection,
+pub async fn record<'c>(
+    tx: impl Into<Conn<'c>>,
     consumer: &str,
     message_id: &str,
     correlation_id: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO seaport_inbox (consumer, message_id, correlation_id, processed_at) VALUES (?, ?, ?, ?)
+    let now = now_ms();
+    let done = on_conn!(tx, c => sqlx::query(
+        "INSERT INTO seaport_inbox (consumer, message_id, correlation_id, processed_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (consumer, message_id) DO NOTHING",
     )
     .bind(consumer)
     .bind(message_id)
     .bind(correlation_id)
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .bind(now)
+    .execute(c)
+    .await?
+    .rows_affected());
+    Ok(done == 1)
 }
 
 /// Has `consumer` processed `message_id`?
-pub async fn contains(conn: &mut SqliteConnection, consumer: &str, message_id: &str) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM seaport_inbox WHERE consumer = ? AND message_id = ?")
+pub async fn contains<'c>(conn: impl Into<Conn<'c>>, consumer: &str, message_id: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<String> = on_conn!(conn, c => sqlx::query_scalar("SELECT message_id FROM seaport_inbox WHERE consumer = $1 AND message_id = $2")
         .bind(consumer)
         .bind(message_id)
-        .fetch_optional(conn)
-        .await?;
+        .fetch_optional(c)
+        .await?);
     Ok(found.is_some())
 }

@@ -20,6 +20,7 @@ pub mod event;
 pub mod http;
 pub mod inbox;
 pub mod outbox;
+pub mod retention;
 pub mod store;
 
 pub use event::Event;

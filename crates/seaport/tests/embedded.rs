@@ -50,7 +50,7 @@ async fn write_events(store: &SqliteStore, n: usize) -> Vec<Event> {
     for i in 0..n {
         let e = event(i);
         let mut tx = store.begin_write().await.unwrap();
-        sqlx::query("INSERT INTO widgets (id) VALUES (?)")
+        sqlx::query("INSERT INTO widgets (id) VALUES ($1)")
             .bind(&e.id)
             .execute(&mut *tx)
             .await
@@ -89,12 +89,13 @@ impl Handler for Recorder {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        sqlx::query("INSERT INTO effects (consumer, event_id, worker) VALUES (?, ?, ?)")
+        seaport::on_conn!(&mut *ctx.tx, c => sqlx::query("INSERT INTO effects (consumer, event_id, worker) VALUES ($1, $2, $3)")
             .bind(ctx.consumer)
             .bind(&event.id)
             .bind(&self.worker)
-            .execute(&mut *ctx.tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(|_| ()))?;
         let mut f = self.failures_left.lock().unwrap();
         if let Some(n) = f.get_mut(&event.id).filter(|n| **n > 0) {
             *n -= 1;
@@ -105,7 +106,7 @@ impl Handler for Recorder {
 }
 
 async fn effects(store: &SqliteStore, consumer: &str) -> Vec<(String, String)> {
-    sqlx::query_as("SELECT event_id, worker FROM effects WHERE consumer = ? ORDER BY rowid")
+    sqlx::query_as("SELECT event_id, worker FROM effects WHERE consumer = $1 ORDER BY rowid")
         .bind(consumer)
         .fetch_all(store.pool())
         .await
@@ -133,7 +134,7 @@ async fn outbox_row_and_domain_row_commit_or_roll_back_together() {
     let outbox = Outbox::new();
     let e = event(1);
     let mut tx = db.store.begin_write().await.unwrap();
-    sqlx::query("INSERT INTO widgets (id) VALUES (?)")
+    sqlx::query("INSERT INTO widgets (id) VALUES ($1)")
         .bind(&e.id)
         .execute(&mut *tx)
         .await
@@ -168,7 +169,7 @@ async fn outbox_row_and_domain_row_commit_or_roll_back_together() {
     assert_eq!((count("widgets").await, count("seaport_outbox").await), (0, 0));
 
     let mut tx = db.store.begin_write().await.unwrap();
-    sqlx::query("INSERT INTO widgets (id) VALUES (?)")
+    sqlx::query("INSERT INTO widgets (id) VALUES ($1)")
         .bind(&e.id)
         .execute(&mut *tx)
         .await
@@ -176,8 +177,7 @@ async fn outbox_row_and_domain_row_commit_or_roll_back_together() {
     outbox.insert(&mut tx, &e).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!((count("widgets").await, count("seaport_outbox").await), (1, 1));
-    let mut conn = db.store.pool().acquire().await.unwrap();
-    let s = outbox::status(&mut conn).await.unwrap();
+    let s = outbox::status(&db.store.clone().into()).await.unwrap();
     assert_eq!((s.unpublished, s.published), (1, 0));
     assert!(s.oldest_unpublished_age_ms.is_some());
 }
@@ -235,7 +235,7 @@ async fn relay_publishes_in_commit_order_and_never_marks_unconfirmed_rows() {
         inner: inner.clone(),
         refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])),
     });
-    let relay = Relay::new(
+    let mut relay = Relay::new(
         db.store.clone(),
         broker.clone(),
         RelayConfig {
@@ -253,7 +253,7 @@ async fn relay_publishes_in_commit_order_and_never_marks_unconfirmed_rows() {
             .unwrap();
     assert_eq!(unpublished.len(), 21);
     assert_eq!(unpublished[0], refused, "the refused row stays unpublished");
-    let err: Option<String> = sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = ?")
+    let err: Option<String> = sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1")
         .bind(&refused)
         .fetch_one(db.store.pool())
         .await
@@ -292,7 +292,7 @@ async fn relay_publishes_in_commit_order_and_never_marks_unconfirmed_rows() {
 async fn relay_wakes_on_commit_without_waiting_for_the_poll() {
     let db = db().await;
     let broker = broker(&db.store).await;
-    let relay = Relay::new(
+    let mut relay = Relay::new(
         db.store.clone(),
         broker.clone(),
         RelayConfig {
@@ -347,7 +347,7 @@ async fn fan_out_every_durable_gets_every_message() {
     let db = db().await;
     let broker = broker(&db.store).await;
     let events = write_events(&db.store, 20).await;
-    let relay = Relay::new(db.store.clone(), broker.clone(), RelayConfig::default());
+    let mut relay = Relay::new(db.store.clone(), broker.clone(), RelayConfig::default());
     while relay.run_once().await.unwrap().published > 0 {}
 
     let (stop, stopped) = watch::channel(false);
@@ -375,7 +375,7 @@ async fn consumer_group_workers_share_messages_without_overlap() {
     let db = db().await;
     let broker = broker(&db.store).await;
     let events = write_events(&db.store, 40).await;
-    let relay = Relay::new(db.store.clone(), broker.clone(), RelayConfig::default());
+    let mut relay = Relay::new(db.store.clone(), broker.clone(), RelayConfig::default());
     while relay.run_once().await.unwrap().published > 0 {}
 
     let (stop, stopped) = watch::channel(false);

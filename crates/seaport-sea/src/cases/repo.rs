@@ -1,12 +1,15 @@
-//! The SQL of the cases context.
+//! The SQL of the cases context (the same statements run on SQLite and PostgreSQL).
 
 use chrono::{SecondsFormat, Utc};
-use sqlx::SqliteConnection;
+use seaport::store::{Conn, Db};
+use seaport::{on_conn, on_pool};
 use uuid::Uuid;
 
 use super::{Case, NewCase};
 
-pub async fn insert(tx: &mut SqliteConnection, new: NewCase, correlation_id: &str) -> Result<Case, sqlx::Error> {
+const COLUMNS: &str = "id, title, description, customer_id, status, correlation_id, created_at";
+
+pub async fn insert<'c>(tx: impl Into<Conn<'c>>, new: NewCase, correlation_id: &str) -> Result<Case, sqlx::Error> {
     let case = Case {
         id: Uuid::now_v7().to_string(),
         title: new.title,
@@ -16,9 +19,9 @@ pub async fn insert(tx: &mut SqliteConnection, new: NewCase, correlation_id: &st
         correlation_id: correlation_id.to_owned(),
         created_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
     };
-    sqlx::query(
+    on_conn!(tx, c => sqlx::query(
         "INSERT INTO cases (id, title, description, customer_id, status, correlation_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&case.id)
     .bind(&case.title)
@@ -27,30 +30,23 @@ pub async fn insert(tx: &mut SqliteConnection, new: NewCase, correlation_id: &st
     .bind(&case.status)
     .bind(&case.correlation_id)
     .bind(&case.created_at)
-    .execute(tx)
-    .await?;
+    .execute(c)
+    .await
+    .map(|_| ()))?;
     Ok(case)
 }
 
-pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Case>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, title, description, customer_id, status, correlation_id, created_at FROM cases WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+pub async fn get(db: &Db, id: &str) -> Result<Option<Case>, sqlx::Error> {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM cases WHERE id = $1"));
+    on_pool!(db, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await)
 }
 
 /// One page in creation order, and the total count.
-pub async fn list(conn: &mut SqliteConnection, offset: u64, limit: u64) -> Result<(Vec<Case>, u64), sqlx::Error> {
-    let cases = sqlx::query_as(
-        "SELECT id, title, description, customer_id, status, correlation_id, created_at FROM cases
-         ORDER BY seq LIMIT ? OFFSET ?",
-    )
-    .bind(limit as i64)
-    .bind(offset as i64)
-    .fetch_all(&mut *conn)
-    .await?;
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases").fetch_one(conn).await?;
-    Ok((cases, total as u64))
+pub async fn list(db: &Db, offset: u64, limit: u64) -> Result<(Vec<Case>, u64), sqlx::Error> {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM cases ORDER BY seq LIMIT $1 OFFSET $2"));
+    on_pool!(db, p => {
+        let cases = sqlx::query_as(sql).bind(limit as i64).bind(offset as i64).fetch_all(p).await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases").fetch_one(p).await?;
+        Ok((cases, total as u64))
+    })
 }

@@ -69,7 +69,7 @@ async fn create_case(
     let fingerprint = idempotency::fingerprint("POST", "/cases", &body);
 
     let mut tx = app.store.begin_write().await?;
-    match idempotency::lookup(&mut tx, &scope, &key, &fingerprint).await? {
+    match idempotency::begin(&mut tx, &scope, &key, &fingerprint, app.idempotency_retention).await? {
         Lookup::Replay(stored) => return Ok(stored.replay()),
         Lookup::Mismatch => {
             return Err(
@@ -87,7 +87,9 @@ async fn create_case(
     )
     .with_subject(&case.id)
     .correlated(&corr.correlation_id, Some(corr.request_id.clone()));
-    app.outbox.insert(&mut tx, &event).await?;
+    app.outbox
+        .insert_to(&mut tx, &app.topics.topic(CASE_CREATED), &event)
+        .await?;
     let stored = StoredResponse {
         status: StatusCode::CREATED.as_u16(),
         headers: vec![
@@ -96,7 +98,7 @@ async fn create_case(
         ],
         body: serde_json::to_vec(&case).expect("case serialises"),
     };
-    idempotency::store(&mut tx, &scope, &key, &fingerprint, &stored, app.idempotency_retention).await?;
+    idempotency::complete(&mut tx, &scope, &key, &stored).await?;
     tx.commit().await?;
     let mut res = stored.replay();
     res.headers_mut().remove(idempotency::IDEMPOTENT_REPLAYED);
@@ -105,8 +107,7 @@ async fn create_case(
 
 async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
     let req = PageRequest::from_query(query.as_deref())?;
-    let mut conn = app.store.pool().acquire().await?;
-    let (cases, total) = repo::list(&mut conn, req.offset(), req.limit).await?;
+    let (cases, total) = repo::list(&app.store, req.offset(), req.limit).await?;
     Ok(Json(Page::new(cases, req, total)).into_response())
 }
 
@@ -114,8 +115,7 @@ async fn get_case(State(app): State<AppState>, Path(id): Path<String>) -> Result
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(Problem::bad_request(format!("{id:?} is not a case id (a UUID)")));
     }
-    let mut conn = app.store.pool().acquire().await?;
-    match repo::get(&mut conn, &id).await? {
+    match repo::get(&app.store, &id).await? {
         Some(case) => Ok(Json(case).into_response()),
         None => Err(Problem::not_found(format!("no case with id {id}"))),
     }

@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use seaport::Event;
 use seaport::consumer::{Handler, HandlerContext, HandlerError};
+use seaport::on_conn;
 
 use super::record_effect;
 
@@ -16,15 +17,15 @@ impl Handler for Analytics {
             .unwrap_or_else(chrono::Utc::now)
             .format("%Y-%m-%d")
             .to_string();
-        let count: i64 = sqlx::query_scalar(
-            "INSERT INTO analytics_counts (event_type, day, count) VALUES (?, ?, 1)
-             ON CONFLICT (event_type, day) DO UPDATE SET count = count + 1
+        let count: i64 = on_conn!(&mut *ctx.tx, c => sqlx::query_scalar(
+            "INSERT INTO analytics_counts (event_type, day, count) VALUES ($1, $2, 1)
+             ON CONFLICT (event_type, day) DO UPDATE SET count = analytics_counts.count + 1
              RETURNING count",
         )
         .bind(&event.ty)
         .bind(&day)
-        .fetch_one(&mut *ctx.tx)
-        .await?;
+        .fetch_one(c)
+        .await)?;
         record_effect(
             ctx.tx,
             ctx.consumer,

@@ -7,7 +7,8 @@ pub mod notifications;
 
 use chrono::{SecondsFormat, Utc};
 use seaport::Event;
-use sqlx::SqliteConnection;
+use seaport::on_conn;
+use seaport::store::Tx;
 
 pub use analytics::Analytics;
 pub use audit::Audit;
@@ -19,23 +20,19 @@ pub const AUDIT: &str = "audit__from_sea";
 
 /// Record what a consumer did for an event (for `/trace` and the exactly-once checks), in the
 /// handler's transaction.
-pub async fn record_effect(
-    tx: &mut SqliteConnection,
-    consumer: &str,
-    event: &Event,
-    effect: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO consumer_effects (consumer, event_id, correlation_id, effect, recorded_at) VALUES (?, ?, ?, ?, ?)",
+pub async fn record_effect(tx: &mut Tx, consumer: &str, event: &Event, effect: &str) -> Result<(), sqlx::Error> {
+    let at = now();
+    on_conn!(tx, c => sqlx::query(
+        "INSERT INTO consumer_effects (consumer, event_id, correlation_id, effect, recorded_at) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(consumer)
     .bind(&event.id)
     .bind(&event.correlationid)
     .bind(effect)
-    .bind(now())
-    .execute(tx)
-    .await?;
-    Ok(())
+    .bind(&at)
+    .execute(c)
+    .await
+    .map(|_| ()))
 }
 
 pub fn now() -> String {

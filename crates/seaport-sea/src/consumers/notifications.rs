@@ -4,13 +4,17 @@
 use async_trait::async_trait;
 use seaport::Event;
 use seaport::consumer::{Handler, HandlerContext, HandlerError};
+use seaport::on_conn;
 
 use super::{now, record_effect};
+use crate::app::Topics;
 use crate::cases::CASE_CREATED;
 
 pub const NOTIFICATION_QUEUED: &str = "sea.notifications.queued";
 
-pub struct Notifications;
+pub struct Notifications {
+    pub topics: Topics,
+}
 
 #[async_trait]
 impl Handler for Notifications {
@@ -23,23 +27,24 @@ impl Handler for Notifications {
         let recipient = data["customer_id"]
             .as_str()
             .ok_or("case event without data.customer_id")?;
-        let id: i64 = sqlx::query_scalar(
+        let at = now();
+        let id: i64 = on_conn!(&mut *ctx.tx, c => sqlx::query_scalar(
             "INSERT INTO notifications (event_id, case_id, recipient, template, created_at)
-             VALUES (?, ?, ?, 'case_created', ?) RETURNING id",
+             VALUES ($1, $2, $3, 'case_created', $4) RETURNING id",
         )
         .bind(&event.id)
         .bind(case_id)
         .bind(recipient)
-        .bind(now())
-        .fetch_one(&mut *ctx.tx)
-        .await?;
+        .bind(&at)
+        .fetch_one(c)
+        .await)?;
         let queued = Event::new(
             NOTIFICATION_QUEUED,
             "/sea/notifications",
             serde_json::json!({"notification_id": id, "case_id": case_id, "recipient": recipient, "template": "case_created"}),
         )
         .with_subject(case_id);
-        ctx.emit(queued).await?;
+        ctx.emit_to(&self.topics.topic(NOTIFICATION_QUEUED), queued).await?;
         record_effect(
             ctx.tx,
             ctx.consumer,

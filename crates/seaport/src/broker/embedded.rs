@@ -74,7 +74,7 @@ impl EmbeddedBroker {
             let headers = serde_json::to_string(&m.headers).expect("string map serialises");
             let inserted: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO seaport_broker_messages (stream, msg_id, subject, headers, payload, published_at)
-                 VALUES (?, ?, ?, ?, ?, ?)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (stream, msg_id) DO NOTHING
                  RETURNING seq",
             )
@@ -90,7 +90,7 @@ impl EmbeddedBroker {
                 Some(seq) => (seq, false),
                 None => {
                     let seq: i64 =
-                        sqlx::query_scalar("SELECT seq FROM seaport_broker_messages WHERE stream = ? AND msg_id = ?")
+                        sqlx::query_scalar("SELECT seq FROM seaport_broker_messages WHERE stream = $1 AND msg_id = $2")
                             .bind(stream)
                             .bind(&m.id)
                             .fetch_one(&mut *tx)
@@ -117,7 +117,7 @@ impl Broker for EmbeddedBroker {
         }
         let subjects = serde_json::to_string(subjects).expect("strings serialise");
         sqlx::query(
-            "INSERT INTO seaport_broker_streams (name, subjects) VALUES (?, ?)
+            "INSERT INTO seaport_broker_streams (name, subjects) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET subjects = excluded.subjects",
         )
         .bind(name)
@@ -154,7 +154,7 @@ impl Broker for EmbeddedBroker {
             return Err(BrokerError::InvalidDurable(config.durable));
         }
         let mut tx = self.store.begin_write().await?;
-        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM seaport_broker_streams WHERE name = ?")
+        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM seaport_broker_streams WHERE name = $1")
             .bind(stream)
             .fetch_optional(&mut *tx)
             .await?;
@@ -162,7 +162,7 @@ impl Broker for EmbeddedBroker {
             return Err(BrokerError::UnknownStream(stream.to_owned()));
         }
         let existing: Option<String> =
-            sqlx::query_scalar("SELECT filter_subject FROM seaport_broker_consumers WHERE stream = ? AND name = ?")
+            sqlx::query_scalar("SELECT filter_subject FROM seaport_broker_consumers WHERE stream = $1 AND name = $2")
                 .bind(stream)
                 .bind(&config.durable)
                 .fetch_optional(&mut *tx)
@@ -177,7 +177,7 @@ impl Broker for EmbeddedBroker {
             }
             Some(_) => {
                 // Like a JetStream consumer update: timing settings follow the latest binding.
-                sqlx::query("UPDATE seaport_broker_consumers SET ack_wait_ms = ?, max_deliver = ? WHERE stream = ? AND name = ?")
+                sqlx::query("UPDATE seaport_broker_consumers SET ack_wait_ms = $1, max_deliver = $2 WHERE stream = $3 AND name = $4")
                     .bind(config.ack_wait.as_millis() as i64)
                     .bind(config.max_deliver as i64)
                     .bind(stream)
@@ -188,7 +188,7 @@ impl Broker for EmbeddedBroker {
             None => {
                 sqlx::query(
                     "INSERT INTO seaport_broker_consumers (stream, name, filter_subject, ack_wait_ms, max_deliver, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?)",
+                     VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(stream)
                 .bind(&config.durable)
@@ -232,7 +232,7 @@ impl EmbeddedSubscription {
         let now = now_ms();
         let row = sqlx::query(
             "SELECT filter_subject, ack_wait_ms, max_deliver, delivered_seq FROM seaport_broker_consumers
-             WHERE stream = ? AND name = ?",
+             WHERE stream = $1 AND name = $2",
         )
         .bind(&self.stream)
         .bind(&self.config.durable)
@@ -247,8 +247,8 @@ impl EmbeddedSubscription {
         let mut claims = Vec::new();
         let due = sqlx::query(
             "SELECT seq, delivery_count FROM seaport_broker_pending
-             WHERE stream = ? AND consumer = ? AND state = 'pending' AND visible_at <= ?
-             ORDER BY seq LIMIT ?",
+             WHERE stream = $1 AND consumer = $2 AND state = 'pending' AND visible_at <= $3
+             ORDER BY seq LIMIT $4",
         )
         .bind(&self.stream)
         .bind(&self.config.durable)
@@ -263,7 +263,7 @@ impl EmbeddedSubscription {
                 // Deliveries exhausted (the last attempt was never settled, e.g. the worker died).
                 // Kept, not dropped: the row stays as 'exhausted' for operators to see.
                 tracing::warn!(stream = %self.stream, consumer = %self.config.durable, seq, "message exhausted its deliveries");
-                sqlx::query("UPDATE seaport_broker_pending SET state = 'exhausted' WHERE stream = ? AND consumer = ? AND seq = ?")
+                sqlx::query("UPDATE seaport_broker_pending SET state = 'exhausted' WHERE stream = $1 AND consumer = $2 AND seq = $3")
                     .bind(&self.stream)
                     .bind(&self.config.durable)
                     .bind(seq)
@@ -272,8 +272,8 @@ impl EmbeddedSubscription {
                 continue;
             }
             sqlx::query(
-                "UPDATE seaport_broker_pending SET delivery_count = delivery_count + 1, visible_at = ?
-                 WHERE stream = ? AND consumer = ? AND seq = ?",
+                "UPDATE seaport_broker_pending SET delivery_count = delivery_count + 1, visible_at = $1
+                 WHERE stream = $2 AND consumer = $3 AND seq = $4",
             )
             .bind(now + ack_wait_ms)
             .bind(&self.stream)
@@ -291,7 +291,7 @@ impl EmbeddedSubscription {
         let scan_page = (max as i64).max(64);
         while claims.len() < max {
             let rows = sqlx::query(
-                "SELECT seq, subject FROM seaport_broker_messages WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+                "SELECT seq, subject FROM seaport_broker_messages WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
             )
             .bind(&self.stream)
             .bind(delivered_seq)
@@ -306,7 +306,7 @@ impl EmbeddedSubscription {
                 if subject_matches(&filter, &subject) {
                     sqlx::query(
                         "INSERT INTO seaport_broker_pending (stream, consumer, seq, delivery_count, visible_at, state)
-                         VALUES (?, ?, ?, 1, ?, 'pending')",
+                         VALUES ($1, $2, $3, 1, $4, 'pending')",
                     )
                     .bind(&self.stream)
                     .bind(&self.config.durable)
@@ -324,7 +324,7 @@ impl EmbeddedSubscription {
                 break;
             }
         }
-        sqlx::query("UPDATE seaport_broker_consumers SET delivered_seq = ? WHERE stream = ? AND name = ?")
+        sqlx::query("UPDATE seaport_broker_consumers SET delivered_seq = $1 WHERE stream = $2 AND name = $3")
             .bind(delivered_seq)
             .bind(&self.stream)
             .bind(&self.config.durable)
@@ -348,7 +348,7 @@ impl EmbeddedSubscription {
             ));
         }
         let next_due: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(visible_at) FROM seaport_broker_pending WHERE stream = ? AND consumer = ? AND state = 'pending'",
+            "SELECT MIN(visible_at) FROM seaport_broker_pending WHERE stream = $1 AND consumer = $2 AND state = 'pending'",
         )
         .bind(&self.stream)
         .bind(&self.config.durable)
@@ -360,7 +360,7 @@ impl EmbeddedSubscription {
 }
 
 async fn load_message(conn: &mut SqliteConnection, seq: i64) -> Result<Message, sqlx::Error> {
-    let r = sqlx::query("SELECT stream, msg_id, subject, headers, payload FROM seaport_broker_messages WHERE seq = ?")
+    let r = sqlx::query("SELECT stream, msg_id, subject, headers, payload FROM seaport_broker_messages WHERE seq = $1")
         .bind(seq)
         .fetch_one(conn)
         .await?;
@@ -413,7 +413,7 @@ struct EmbeddedAcker {
 impl Acker for EmbeddedAcker {
     async fn ack(&self, message: &Message) -> Result<(), BrokerError> {
         let _turn = self.broker.store.writer_turn().await;
-        sqlx::query("DELETE FROM seaport_broker_pending WHERE stream = ? AND consumer = ? AND seq = ?")
+        sqlx::query("DELETE FROM seaport_broker_pending WHERE stream = $1 AND consumer = $2 AND seq = $3")
             .bind(&self.stream)
             .bind(&self.consumer)
             .bind(message.stream_seq as i64)
@@ -425,7 +425,7 @@ impl Acker for EmbeddedAcker {
     async fn nak(&self, message: &Message, delay: Duration) -> Result<(), BrokerError> {
         let turn = self.broker.store.writer_turn().await;
         sqlx::query(
-            "UPDATE seaport_broker_pending SET visible_at = ? WHERE stream = ? AND consumer = ? AND seq = ? AND state = 'pending'",
+            "UPDATE seaport_broker_pending SET visible_at = $1 WHERE stream = $2 AND consumer = $3 AND seq = $4 AND state = 'pending'",
         )
         .bind(now_ms() + delay.as_millis() as i64)
         .bind(&self.stream)

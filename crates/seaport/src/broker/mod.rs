@@ -8,6 +8,7 @@
 //! `max_deliver` times.
 
 pub mod embedded;
+pub mod jetstream;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

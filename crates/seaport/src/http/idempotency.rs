@@ -11,10 +11,11 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 
 use super::problem::Problem;
-use crate::store::now_ms;
+use crate::on_conn;
+use crate::store::{Conn, now_ms};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
@@ -142,7 +143,8 @@ impl StoredResponse {
 /// What the store knows about a key.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Lookup {
-    /// Unknown (or expired): go ahead, then [`store`] the response in the same transaction.
+    /// Unknown (or expired): the key is now claimed by this transaction; do the work, then
+    /// [`complete`] in the same transaction.
     New,
     /// Completed before with the same request: replay this.
     Replay(StoredResponse),
@@ -150,72 +152,82 @@ pub enum Lookup {
     Mismatch,
 }
 
-/// Look the key up inside the transaction that will do the work.
-pub async fn lookup(
-    tx: &mut SqliteConnection,
+/// Look the key up and, if it is new, claim it, inside the transaction that will do the work.
+///
+/// The claim is a row insert: on PostgreSQL a concurrent request with the same key blocks on it
+/// until this transaction ends, then replays what it stored; if this transaction rolls back
+/// (handler failure), the key is free again. On SQLite writers are serialised anyway.
+pub async fn begin<'c>(
+    tx: impl Into<Conn<'c>>,
     scope: &str,
     key: &IdempotencyKey,
     fingerprint: &str,
+    retention: std::time::Duration,
 ) -> Result<Lookup, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT fingerprint, status, headers, body FROM seaport_idempotency_keys
-         WHERE scope = ? AND key = ? AND expires_at > ?",
-    )
-    .bind(scope)
-    .bind(key.as_str())
-    .bind(now_ms())
-    .fetch_optional(tx)
-    .await?;
-    Ok(match row {
-        None => Lookup::New,
-        Some(r) if r.get::<String, _>(0) != fingerprint => Lookup::Mismatch,
-        Some(r) => Lookup::Replay(StoredResponse {
-            status: r.get::<i64, _>(1) as u16,
-            headers: serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default(),
-            body: r.get(3),
-        }),
+    let now = now_ms();
+    let expires = now + retention.as_millis() as i64;
+    on_conn!(tx, c => {
+        // An expired entry no longer counts.
+        sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3")
+            .bind(scope)
+            .bind(key.as_str())
+            .bind(now)
+            .execute(&mut *c)
+            .await?;
+        let claimed = sqlx::query(
+            "INSERT INTO seaport_idempotency_keys (scope, key, fingerprint, status, headers, body, created_at, expires_at)
+             VALUES ($1, $2, $3, 0, '[]', $4, $5, $6)
+             ON CONFLICT (scope, key) DO NOTHING",
+        )
+        .bind(scope)
+        .bind(key.as_str())
+        .bind(fingerprint)
+        .bind(Vec::<u8>::new())
+        .bind(now)
+        .bind(expires)
+        .execute(&mut *c)
+        .await?
+        .rows_affected();
+        if claimed == 1 {
+            return Ok(Lookup::New);
+        }
+        let r = sqlx::query("SELECT fingerprint, status, headers, body FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2")
+            .bind(scope)
+            .bind(key.as_str())
+            .fetch_one(&mut *c)
+            .await?;
+        Ok(if r.get::<String, _>(0) != fingerprint {
+            Lookup::Mismatch
+        } else {
+            Lookup::Replay(StoredResponse {
+                status: r.get::<i64, _>(1) as u16,
+                headers: serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default(),
+                body: r.get(3),
+            })
+        })
     })
 }
 
-/// Store the response in the handler's transaction; an expired entry for the key is replaced.
-pub async fn store(
-    tx: &mut SqliteConnection,
+/// Store the response for a key claimed by [`begin`], in the same transaction.
+pub async fn complete<'c>(
+    tx: impl Into<Conn<'c>>,
     scope: &str,
     key: &IdempotencyKey,
-    fingerprint: &str,
     response: &StoredResponse,
-    retention: std::time::Duration,
 ) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO seaport_idempotency_keys (scope, key, fingerprint, status, headers, body, created_at, expires_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint, status = excluded.status,
-            headers = excluded.headers, body = excluded.body, created_at = excluded.created_at,
-            expires_at = excluded.expires_at",
+    let headers = serde_json::to_string(&response.headers).expect("strings serialise");
+    on_conn!(tx, c => sqlx::query(
+        "UPDATE seaport_idempotency_keys SET status = $1, headers = $2, body = $3 WHERE scope = $4 AND key = $5",
     )
+    .bind(response.status as i64)
+    .bind(&headers)
+    .bind(&response.body)
     .bind(scope)
     .bind(key.as_str())
-    .bind(fingerprint)
-    .bind(response.status as i64)
-    .bind(serde_json::to_string(&response.headers).expect("strings serialise"))
-    .bind(&response.body)
-    .bind(now)
-    .bind(now + retention.as_millis() as i64)
-    .execute(tx)
-    .await?;
+    .execute(c)
+    .await
+    .map(|_| ()))?;
     Ok(())
-}
-
-/// Delete expired keys; returns how many.
-pub async fn sweep_expired(conn: &mut SqliteConnection) -> Result<u64, sqlx::Error> {
-    Ok(
-        sqlx::query("DELETE FROM seaport_idempotency_keys WHERE expires_at <= ?")
-            .bind(now_ms())
-            .execute(conn)
-            .await?
-            .rows_affected(),
-    )
 }
 
 #[cfg(test)]

@@ -2,22 +2,28 @@
 //! caused it, so both commit or neither does. The [`relay`] moves committed rows to the broker.
 //!
 //! ```ignore
-//! let mut tx = store.begin_write().await?;
+//! let mut tx = pool.begin().await?;                 // your own sqlx transaction (SQLite or PostgreSQL)
 //! sqlx::query("INSERT INTO cases ...").execute(&mut *tx).await?;
 //! outbox.insert(&mut tx, &event).await?;
-//! tx.commit().await?;            // the relay wakes up now
+//! tx.commit().await?;                               // the relay wakes up now
 //! ```
 
 pub mod relay;
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 
 use crate::broker::valid_subject;
 use crate::event::Event;
-use crate::store::now_ms;
+use crate::on_conn;
+use crate::store::{Conn, Db, now_ms};
 
 /// The table the outbox lives in (the SQLite update hook watches it).
 pub const TABLE: &str = "seaport_outbox";
+
+/// Number of relay partitions. An event's partition is a hash of its ordering key (its
+/// CloudEvents `subject`), so all events of one key share a partition, and each partition is
+/// relayed by one relay at a time.
+pub const PARTITIONS: i64 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -35,6 +41,16 @@ pub struct Outbox {
     _private: (),
 }
 
+/// The partition of an ordering key: FNV-1a, stable across processes, versions and platforms.
+pub fn partition_of(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % PARTITIONS as u64) as i64
+}
+
 impl Outbox {
     pub fn new() -> Self {
         Outbox::default()
@@ -42,27 +58,31 @@ impl Outbox {
 
     /// Insert `event` in the caller's transaction; it is published under a subject equal to its
     /// CloudEvents `type` (e.g. `sea.cases.created`). Returns the outbox sequence number.
-    pub async fn insert(&self, tx: &mut SqliteConnection, event: &Event) -> Result<i64, OutboxError> {
+    pub async fn insert<'c>(&self, tx: impl Into<Conn<'c>>, event: &Event) -> Result<i64, OutboxError> {
         self.insert_to(tx, &event.ty, event).await
     }
 
     /// Insert `event` to be published under `topic`.
-    pub async fn insert_to(&self, tx: &mut SqliteConnection, topic: &str, event: &Event) -> Result<i64, OutboxError> {
+    pub async fn insert_to<'c>(&self, tx: impl Into<Conn<'c>>, topic: &str, event: &Event) -> Result<i64, OutboxError> {
         event.validate()?;
         if !valid_subject(topic) {
             return Err(OutboxError::Subject(topic.to_owned()));
         }
-        let seq = sqlx::query_scalar(
-            "INSERT INTO seaport_outbox (event_id, topic, ordering_key, envelope, created_at)
-             VALUES (?, ?, ?, ?, ?) RETURNING seq",
+        let partition = partition_of(event.subject.as_deref().unwrap_or(&event.id));
+        let envelope = event.to_json();
+        let now = now_ms();
+        let seq = on_conn!(tx, c => sqlx::query_scalar(
+            "INSERT INTO seaport_outbox (event_id, topic, ordering_key, partition, envelope, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
         )
         .bind(&event.id)
         .bind(topic)
         .bind(&event.subject)
-        .bind(event.to_json())
-        .bind(now_ms())
-        .fetch_one(&mut *tx)
-        .await?;
+        .bind(partition)
+        .bind(&envelope)
+        .bind(now)
+        .fetch_one(c)
+        .await)?;
         Ok(seq)
     }
 }
@@ -78,23 +98,23 @@ pub struct OutboxStatus {
     pub oldest_unpublished_age_ms: Option<i64>,
 }
 
+const STATUS_SQL: &str = "SELECT
+        COUNT(*) FILTER (WHERE published_at IS NULL),
+        COUNT(*) FILTER (WHERE published_at IS NOT NULL),
+        COUNT(*) FILTER (WHERE published_at IS NULL AND last_error IS NOT NULL),
+        MIN(CASE WHEN published_at IS NULL THEN created_at END)
+     FROM seaport_outbox";
+
 /// Read the outbox backlog.
-pub async fn status(conn: &mut SqliteConnection) -> Result<OutboxStatus, sqlx::Error> {
-    let r = sqlx::query(
-        "SELECT
-            COALESCE(SUM(published_at IS NULL), 0),
-            COALESCE(SUM(published_at IS NOT NULL), 0),
-            COALESCE(SUM(published_at IS NULL AND last_error IS NOT NULL), 0),
-            MIN(CASE WHEN published_at IS NULL THEN created_at END)
-         FROM seaport_outbox",
-    )
-    .fetch_one(conn)
-    .await?;
-    let oldest: Option<i64> = r.get(3);
+pub async fn status(db: &Db) -> Result<OutboxStatus, sqlx::Error> {
+    let (unpublished, published, failing, oldest): (i64, i64, i64, Option<i64>) = crate::on_pool!(db, p => {
+        let r = sqlx::query(STATUS_SQL).fetch_one(p).await?;
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    });
     Ok(OutboxStatus {
-        unpublished: r.get(0),
-        published: r.get(1),
-        failing: r.get(2),
+        unpublished,
+        published,
+        failing,
         oldest_unpublished_age_ms: oldest.map(|t| (now_ms() - t).max(0)),
     })
 }

@@ -1,35 +1,57 @@
-//! The outbox relay: moves committed outbox rows to the broker, in commit order, at least once.
+//! The outbox relay: moves committed outbox rows to the broker, at least once, and marks a row
+//! published only after the broker confirmed it. A crash between the two means the row is
+//! published again on restart; the broker drops the copy (dedupe by message id = event id) and
+//! the consumers' inbox would drop it too.
 //!
-//! A row is marked published only after the broker confirmed it. A crash between the two means
-//! the row is published again on restart; the broker drops the copy (dedupe by message id =
-//! event id) and the consumers' inbox would drop it too.
+//! **Never skipping a late commit.** The relay does not keep a "last published seq" cursor (the
+//! bug that loses events elsewhere: seq 10 is assigned, seq 11 commits first, the cursor moves
+//! past 10, then 10 commits and is never seen). It always selects the rows that are still
+//! unpublished, oldest first; a row that commits late is simply found on the next pass. On SQLite
+//! there is one writer at a time, so seq order *is* commit order. On PostgreSQL rows become
+//! visible in commit order and are published as they become visible.
 //!
-//! On SQLite the outbox `seq` is the commit order (one writer at a time), so reading unpublished
-//! rows by `seq` follows commit order. The relay reads under `BEGIN IMMEDIATE`: woken by the
-//! commit hook of a writer that is still finishing its commit, it waits for that writer and then
-//! sees its rows.
+//! **Many relays (PostgreSQL).** Rows carry a partition (hash of the ordering key, the event's
+//! `subject`). Each partition is owned by at most one relay at a time through a session-level
+//! advisory lock held on a dedicated connection; a relay publishes only the partitions it owns,
+//! one batch at a time, in seq order, and hands a partition over only between batches. So the
+//! events of one key are published by one relay, in order. A relay that dies loses its
+//! connection and with it its locks; the others take the partitions over within a rebalance
+//! interval. Relays share partitions fairly: each takes `ceil(16 / live relays)`, counting live
+//! relays by their lock connections (`application_name = 'seaport-relay'`).
+//!
+//! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
+//! still finishing its commit, it waits for that writer and then sees its rows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sqlx::Row;
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
 use tokio::sync::watch;
 
+use super::PARTITIONS;
 use crate::broker::{Broker, MSG_ID_HEADER, OutgoingMessage};
 use crate::crash::crash_point;
 use crate::event::CLOUDEVENTS_JSON;
-use crate::store::now_ms;
-use crate::store::sqlite::SqliteStore;
+use crate::on_conn;
+use crate::store::{Db, PgStore, now_ms};
+
+/// First key of the advisory locks of relay partitions (the second is the partition).
+pub const LOCK_NAMESPACE: i32 = 0x5EA9;
+/// `application_name` of the relays' lock connections, by which relays count each other.
+pub const RELAY_APPLICATION: &str = "seaport-relay";
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// Rows published per round trip.
+    /// Rows published per round trip (all in flight at once on JetStream).
     pub batch_size: usize,
-    /// Fallback scan when no commit signal arrives (commits from other processes).
+    /// Fallback scan when no commit signal arrives (lost notifications, reconnects).
     pub poll_interval: Duration,
     /// Ceiling of the retry delay while the broker refuses messages.
     pub max_backoff: Duration,
+    /// How often a PostgreSQL relay checks its partitions and takes or gives some.
+    pub rebalance_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -38,6 +60,7 @@ impl Default for RelayConfig {
             batch_size: 256,
             poll_interval: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
+            rebalance_interval: Duration::from_secs(1),
         }
     }
 }
@@ -50,23 +73,45 @@ pub struct RelayPass {
 }
 
 pub struct Relay {
-    store: SqliteStore,
+    db: Db,
     broker: Arc<dyn Broker>,
     config: RelayConfig,
+    partitions: Option<PartitionLocks>,
 }
 
-struct Row_ {
+struct Pending {
     seq: i64,
     message: OutgoingMessage,
 }
 
 impl Relay {
-    pub fn new(store: SqliteStore, broker: Arc<dyn Broker>, config: RelayConfig) -> Self {
-        Relay { store, broker, config }
+    pub fn new(db: impl Into<Db>, broker: Arc<dyn Broker>, config: RelayConfig) -> Self {
+        let db = db.into();
+        let partitions = match &db {
+            Db::Postgres(pg) => Some(PartitionLocks::new(pg.clone())),
+            Db::Sqlite(_) => None,
+        };
+        Relay {
+            db,
+            broker,
+            config,
+            partitions,
+        }
+    }
+
+    /// The partitions this relay currently owns (all of them on SQLite).
+    pub fn owned_partitions(&self) -> Vec<i64> {
+        match &self.partitions {
+            Some(p) => p.owned.iter().copied().collect(),
+            None => (0..PARTITIONS).collect(),
+        }
     }
 
     /// Publish one batch of unpublished rows (oldest first) and mark the confirmed ones.
-    pub async fn run_once(&self) -> Result<RelayPass, sqlx::Error> {
+    pub async fn run_once(&mut self) -> Result<RelayPass, sqlx::Error> {
+        if let Some(locks) = &mut self.partitions {
+            locks.rebalance_if_due(self.config.rebalance_interval).await;
+        }
         let rows = self.fetch_batch().await?;
         if rows.is_empty() {
             return Ok(RelayPass::default());
@@ -76,58 +121,99 @@ impl Relay {
         let results = self.broker.publish(&messages).await;
         crash_point("relay.after_publish");
 
-        let mut pass = RelayPass::default();
-        let mut tx = self.store.begin_write().await?;
         let now = now_ms();
+        let mut confirmed = Vec::with_capacity(rows.len());
+        let mut failed = Vec::new();
         for (row, result) in rows.iter().zip(results) {
             match result {
-                Ok(_) => {
-                    sqlx::query("UPDATE seaport_outbox SET published_at = ?, attempts = attempts + 1 WHERE seq = ?")
+                Ok(_) => confirmed.push(row.seq),
+                Err(e) => failed.push((row.seq, e.to_string())),
+            }
+        }
+        let mut tx = self.db.begin_write().await?;
+        match &mut tx {
+            crate::store::Tx::Postgres(t) => {
+                sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = ANY($2)")
+                    .bind(now)
+                    .bind(&confirmed)
+                    .execute(&mut **t)
+                    .await?;
+            }
+            crate::store::Tx::Sqlite(t) => {
+                for seq in &confirmed {
+                    sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = $2")
                         .bind(now)
-                        .bind(row.seq)
-                        .execute(&mut *tx)
+                        .bind(seq)
+                        .execute(&mut **t)
                         .await?;
-                    pass.published += 1;
-                }
-                Err(e) => {
-                    sqlx::query("UPDATE seaport_outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?")
-                        .bind(e.to_string())
-                        .bind(row.seq)
-                        .execute(&mut *tx)
-                        .await?;
-                    pass.failed += 1;
                 }
             }
         }
+        for (seq, error) in &failed {
+            on_conn!(&mut tx, c => sqlx::query("UPDATE seaport_outbox SET attempts = attempts + 1, last_error = $1 WHERE seq = $2")
+                .bind(error)
+                .bind(seq)
+                .execute(c)
+                .await
+                .map(|_| ()))?;
+        }
         tx.commit().await?;
-        Ok(pass)
+        Ok(RelayPass {
+            published: confirmed.len(),
+            failed: failed.len(),
+        })
     }
 
-    async fn fetch_batch(&self) -> Result<Vec<Row_>, sqlx::Error> {
-        let mut tx = self.store.begin_write().await?;
-        let rows = sqlx::query(
-            "SELECT seq, event_id, topic, envelope FROM seaport_outbox
-             WHERE published_at IS NULL ORDER BY seq LIMIT ?",
-        )
-        .bind(self.config.batch_size as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+    async fn fetch_batch(&self) -> Result<Vec<Pending>, sqlx::Error> {
+        let limit = self.config.batch_size as i64;
+        let rows = match (&self.db, &self.partitions) {
+            (Db::Sqlite(s), _) => {
+                let mut tx = s.begin_write().await?;
+                let rows = sqlx::query(
+                    "SELECT seq, event_id, topic, envelope FROM seaport_outbox
+                     WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                rows.into_iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .collect::<Vec<(i64, String, String, Vec<u8>)>>()
+            }
+            (Db::Postgres(p), Some(locks)) => {
+                if locks.owned.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let owned: Vec<i64> = locks.owned.iter().copied().collect();
+                sqlx::query(
+                    "SELECT seq, event_id, topic, envelope FROM seaport_outbox
+                     WHERE published_at IS NULL AND partition = ANY($1) ORDER BY seq LIMIT $2",
+                )
+                .bind(&owned)
+                .bind(limit)
+                .fetch_all(p.pool())
+                .await?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect()
+            }
+            (Db::Postgres(_), None) => unreachable!("a PostgreSQL relay always has partition locks"),
+        };
         Ok(rows
             .into_iter()
-            .map(|r| {
-                let id: String = r.get(1);
+            .map(|(seq, id, topic, payload)| {
                 let headers = BTreeMap::from([
                     (MSG_ID_HEADER.to_owned(), id.clone()),
                     ("content-type".to_owned(), CLOUDEVENTS_JSON.to_owned()),
                 ]);
-                Row_ {
-                    seq: r.get(0),
+                Pending {
+                    seq,
                     message: OutgoingMessage {
                         id,
-                        subject: r.get(2),
+                        subject: topic,
                         headers,
-                        payload: r.get(3),
+                        payload,
                     },
                 }
             })
@@ -136,24 +222,24 @@ impl Relay {
 
     /// Run until `shutdown` changes to `true`: drain the outbox, then sleep until the next commit
     /// signal or the poll interval; back off exponentially while the broker fails.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut commits = self.store.outbox_commits();
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut commits = self.db.outbox_commits();
         let mut backoff = Duration::from_millis(50);
         loop {
             if *shutdown.borrow() {
+                if let Some(locks) = &mut self.partitions {
+                    locks.release_all().await;
+                }
                 return;
             }
             commits.borrow_and_update();
             let wait = match self.run_once().await {
-                Ok(pass) if pass.failed == 0 && pass.published == self.config.batch_size => {
+                Ok(pass) if pass.failed == 0 && pass.published > 0 => {
                     backoff = Duration::from_millis(50);
                     continue; // more may be waiting
                 }
                 Ok(pass) if pass.failed == 0 => {
                     backoff = Duration::from_millis(50);
-                    if pass.published > 0 {
-                        continue;
-                    }
                     None
                 }
                 Ok(pass) => {
@@ -176,12 +262,114 @@ impl Relay {
                     _ = shutdown.changed() => {}
                 }
             } else {
+                // Idle: a PostgreSQL relay must still wake to rebalance partitions.
+                let idle = match &self.partitions {
+                    Some(_) => self.config.poll_interval.min(self.config.rebalance_interval),
+                    None => self.config.poll_interval,
+                };
                 tokio::select! {
                     _ = commits.changed() => {}
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = tokio::time::sleep(idle) => {}
                     _ = shutdown.changed() => {}
                 }
             }
         }
+    }
+}
+
+/// The relay partitions one relay owns, as session advisory locks on a dedicated connection.
+struct PartitionLocks {
+    store: PgStore,
+    conn: Option<PgConnection>,
+    owned: BTreeSet<i64>,
+    last: Option<Instant>,
+}
+
+impl PartitionLocks {
+    fn new(store: PgStore) -> Self {
+        PartitionLocks {
+            store,
+            conn: None,
+            owned: BTreeSet::new(),
+            last: None,
+        }
+    }
+
+    async fn rebalance_if_due(&mut self, every: Duration) {
+        if self.last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        if let Err(e) = self.rebalance().await {
+            // Without a working lock connection we cannot know what we own: own nothing.
+            tracing::warn!(error = %e, "relay lost its partition locks; reconnecting");
+            self.owned.clear();
+            self.conn = None;
+        }
+    }
+
+    async fn rebalance(&mut self) -> Result<(), sqlx::Error> {
+        if self.conn.is_none() {
+            let options = self
+                .store
+                .pool()
+                .connect_options()
+                .as_ref()
+                .clone()
+                .application_name(RELAY_APPLICATION);
+            self.conn = Some(PgConnection::connect_with(&options).await?);
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        // What we really hold, according to the server.
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT objid::BIGINT FROM pg_locks
+             WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = $1::oid AND objsubid = 2 AND granted",
+        )
+        .bind(LOCK_NAMESPACE as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        self.owned = held.into_iter().collect();
+        let relays: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+        )
+        .bind(RELAY_APPLICATION)
+        .fetch_one(&mut *conn)
+        .await?;
+        let fair = (PARTITIONS + relays.max(1) - 1) / relays.max(1);
+        while self.owned.len() as i64 > fair {
+            let p = *self.owned.iter().next_back().expect("non-empty");
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(LOCK_NAMESPACE)
+                .bind(p as i32)
+                .execute(&mut *conn)
+                .await?;
+            self.owned.remove(&p);
+        }
+        if (self.owned.len() as i64) < fair {
+            for p in 0..PARTITIONS {
+                if self.owned.len() as i64 >= fair {
+                    break;
+                }
+                if self.owned.contains(&p) {
+                    continue;
+                }
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(LOCK_NAMESPACE)
+                    .bind(p as i32)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if got {
+                    self.owned.insert(p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn release_all(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+        self.owned.clear();
     }
 }

@@ -1,0 +1,261 @@
+//! NATS JetStream behind the [`Broker`] trait: the real server, with the same semantics as the
+//! embedded broker (durable pull consumers, explicit acks, nak with delay, ack wait, max deliver).
+//!
+//! Messages follow the CloudEvents NATS protocol binding in *structured* mode: the payload is the
+//! event in JSON format and `content-type: application/cloudevents+json`, so any CloudEvents SDK
+//! reads them, extensions (correlation and causation ids) included. `Nats-Msg-Id` = event id
+//! makes the server drop re-publishes within the stream's duplicate window.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+
+use super::{
+    Acker, Broker, BrokerError, ConsumerConfig, Delivery, MSG_ID_HEADER, Message, OutgoingMessage, PublishAck,
+    Subscription, valid_durable, valid_filter, valid_subject,
+};
+
+/// Window within which JetStream drops a message whose `Nats-Msg-Id` it has already stored.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Clone)]
+pub struct JetStreamBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl JetStreamBroker {
+    /// Connect to `nats://host:port`; the client reconnects on its own after a server restart.
+    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("seaport")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        // Fail fast with a clear message when the server is absent (retry_on_initial_connect
+        // would otherwise hide it).
+        let js = jetstream::new(client.clone());
+        tokio::time::timeout(Duration::from_secs(10), js.query_account())
+            .await
+            .map_err(|_| BrokerError::Unavailable(format!("no NATS JetStream answering at {url}")))?
+            .map_err(|e| BrokerError::Unavailable(format!("NATS at {url} has no JetStream: {e}")))?;
+        Ok(JetStreamBroker { client, js })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
+#[async_trait]
+impl Broker for JetStreamBroker {
+    async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), BrokerError> {
+        if let Some(bad) = subjects.iter().find(|s| !valid_filter(s)) {
+            return Err(BrokerError::InvalidSubject(bad.to_string()));
+        }
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: name.to_owned(),
+                subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                duplicate_window: DUPLICATE_WINDOW,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Pipelined: every message is sent before the first ack is awaited.
+    async fn publish(&self, messages: &[OutgoingMessage]) -> Vec<Result<PublishAck, BrokerError>> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            if !valid_subject(&m.subject) {
+                pending.push(Err(BrokerError::InvalidSubject(m.subject.clone())));
+                continue;
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            for (k, v) in &m.headers {
+                headers.insert(k.as_str(), v.as_str());
+            }
+            headers.insert(MSG_ID_HEADER, m.id.as_str());
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(m.payload.clone()))
+                .headers(headers);
+            pending.push(
+                self.js
+                    .send_publish(m.subject.clone(), publish)
+                    .await
+                    .map_err(unavailable),
+            );
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            results.push(match p {
+                Ok(ack) => ack.await.map_err(unavailable).map(|a| PublishAck {
+                    stream: a.stream,
+                    seq: a.sequence,
+                    duplicate: a.duplicate,
+                }),
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError> {
+        if !valid_filter(&config.filter_subject) {
+            return Err(BrokerError::InvalidSubject(config.filter_subject));
+        }
+        if !valid_durable(&config.durable) {
+            return Err(BrokerError::InvalidDurable(config.durable));
+        }
+        let s = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|_| BrokerError::UnknownStream(stream.to_owned()))?;
+        let wanted = consumer::pull::Config {
+            durable_name: Some(config.durable.clone()),
+            filter_subject: config.filter_subject.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_wait: config.ack_wait,
+            max_deliver: config.max_deliver as i64,
+            ..Default::default()
+        };
+        let c: consumer::PullConsumer = s
+            .get_or_create_consumer(&config.durable, wanted.clone())
+            .await
+            .map_err(unavailable)?;
+        let existing = &c.cached_info().config;
+        if existing.filter_subject != config.filter_subject {
+            return Err(BrokerError::ConsumerMismatch {
+                stream: stream.to_owned(),
+                durable: config.durable,
+                existing: existing.filter_subject.clone(),
+            });
+        }
+        let c: consumer::PullConsumer =
+            if existing.ack_wait != config.ack_wait || existing.max_deliver != config.max_deliver as i64 {
+                // Timing settings follow the latest binding, as on the embedded broker.
+                s.update_consumer(wanted).await.map_err(unavailable)?;
+                s.get_consumer(&config.durable).await.map_err(unavailable)?
+            } else {
+                c
+            };
+        Ok(Box::new(JetStreamSubscription {
+            consumer: c,
+            messages: None,
+            max_deliver: config.max_deliver,
+        }))
+    }
+}
+
+struct JetStreamSubscription {
+    consumer: consumer::PullConsumer,
+    messages: Option<consumer::pull::Stream>,
+    max_deliver: u32,
+}
+
+#[async_trait]
+impl Subscription for JetStreamSubscription {
+    async fn fetch(&mut self, max: usize, max_wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        if self.messages.is_none() {
+            // A continuous pull with a small buffer: buffered messages' ack wait is ticking.
+            let stream = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(max.clamp(1, 256))
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            self.messages = Some(stream);
+        }
+        let messages = self.messages.as_mut().expect("set above");
+        let mut out = Vec::new();
+        let first = match tokio::time::timeout(max_wait, messages.next()).await {
+            Err(_) => return Ok(out),
+            Ok(None) => {
+                self.messages = None;
+                return Err(BrokerError::Closed);
+            }
+            Ok(Some(Err(e))) => {
+                // e.g. missed heartbeats during a server restart; start a fresh pull next time.
+                self.messages = None;
+                return Err(unavailable(e));
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        out.push(to_delivery(first, self.max_deliver)?);
+        while out.len() < max {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => out.push(to_delivery(m, self.max_deliver)?),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn to_delivery(m: jetstream::Message, max_deliver: u32) -> Result<Delivery, BrokerError> {
+    let info = m.info().map_err(unavailable)?;
+    let (stream, stream_seq, delivered) = (info.stream.to_owned(), info.stream_sequence, info.delivered);
+    let (msg, acker) = m.split();
+    let mut headers = BTreeMap::new();
+    if let Some(h) = &msg.headers {
+        for (name, values) in h.iter() {
+            if let Some(v) = values.first() {
+                headers.insert(name.to_string(), v.as_str().to_owned());
+            }
+        }
+    }
+    let id = headers
+        .get(MSG_ID_HEADER)
+        .cloned()
+        .unwrap_or_else(|| format!("{stream}:{stream_seq}"));
+    let message = Message {
+        id,
+        subject: msg.subject.to_string(),
+        headers,
+        payload: msg.payload.to_vec(),
+        stream,
+        stream_seq,
+    };
+    Ok(Delivery::new(
+        message,
+        delivered.max(1) as u32,
+        max_deliver,
+        Box::new(JsAcker(acker)),
+    ))
+}
+
+struct JsAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for JsAcker {
+    /// Acks are confirmed by the server (`AckAck`), so "acked" means the server knows.
+    async fn ack(&self, _: &Message) -> Result<(), BrokerError> {
+        self.0.double_ack().await.map_err(unavailable)
+    }
+
+    async fn nak(&self, _: &Message, delay: Duration) -> Result<(), BrokerError> {
+        self.0.ack_with(AckKind::Nak(Some(delay))).await.map_err(unavailable)
+    }
+}

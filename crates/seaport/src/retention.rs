@@ -1,0 +1,120 @@
+//! Retention: published outbox rows, old inbox records and expired idempotency keys are deleted
+//! in bounded batches (short transactions, no long locks), by one instance at a time (on
+//! PostgreSQL a transaction-level advisory lock elects the sweeper of each round).
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::on_conn;
+use crate::store::{Db, Tx, now_ms};
+
+#[derive(Clone, Debug)]
+pub struct RetentionConfig {
+    /// Published outbox rows older than this are deleted.
+    pub outbox: Duration,
+    /// Inbox records older than this are deleted. Must exceed the longest redelivery / replay
+    /// horizon, or a late duplicate would run its handler again.
+    pub inbox: Duration,
+    /// Rows deleted per transaction.
+    pub batch: i64,
+    /// Pause between rounds.
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            outbox: Duration::from_secs(24 * 3600),
+            inbox: Duration::from_secs(7 * 24 * 3600),
+            batch: 1000,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one round deleted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Swept {
+    pub outbox: u64,
+    pub inbox: u64,
+    pub idempotency_keys: u64,
+    /// Another instance held the sweeper lock; this one did nothing.
+    pub skipped: bool,
+}
+
+/// Second key of the sweeper's advisory lock (first: the relay's namespace).
+const SWEEPER_LOCK: i32 = 1_000;
+
+/// Delete one batch of each kind. Returns `skipped` if another instance is sweeping.
+pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx::Error> {
+    let mut swept = Swept::default();
+    let now = now_ms();
+    let statements: [(&str, i64); 3] = [
+        (
+            "DELETE FROM seaport_outbox WHERE seq IN
+                (SELECT seq FROM seaport_outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
+            now - config.outbox.as_millis() as i64,
+        ),
+        (
+            "DELETE FROM seaport_inbox WHERE (consumer, message_id) IN
+                (SELECT consumer, message_id FROM seaport_inbox WHERE processed_at < $1 LIMIT $2)",
+            now - config.inbox.as_millis() as i64,
+        ),
+        (
+            "DELETE FROM seaport_idempotency_keys WHERE (scope, key) IN
+                (SELECT scope, key FROM seaport_idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
+            now,
+        ),
+    ];
+    for (i, (sql, cutoff)) in statements.into_iter().enumerate() {
+        let mut tx = db.begin_write().await?;
+        if let Tx::Postgres(t) = &mut tx {
+            let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+                .bind(crate::outbox::relay::LOCK_NAMESPACE)
+                .bind(SWEEPER_LOCK)
+                .fetch_one(&mut **t)
+                .await?;
+            if !mine {
+                swept.skipped = true;
+                return Ok(swept);
+            }
+        }
+        let n =
+            on_conn!(&mut tx, c => sqlx::query(sql).bind(cutoff).bind(config.batch).execute(c).await?.rows_affected());
+        tx.commit().await?;
+        match i {
+            0 => swept.outbox = n,
+            1 => swept.inbox = n,
+            _ => swept.idempotency_keys = n,
+        }
+    }
+    Ok(swept)
+}
+
+/// Sweep every `interval` until `shutdown`; a round that hit the batch size continues at once.
+pub async fn run(db: Db, config: RetentionConfig, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let full = match sweep_once(&db, &config).await {
+            Ok(s) => [s.outbox, s.inbox, s.idempotency_keys]
+                .iter()
+                .any(|n| *n as i64 >= config.batch),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep failed");
+                false
+            }
+        };
+        let pause = if full {
+            Duration::from_millis(10)
+        } else {
+            config.interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
