@@ -22,5 +22,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod retention;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use event::Event;

@@ -1,0 +1,526 @@
+//! The conformance suite: the same delivery guarantees, checked on the embedded default
+//! (SQLite + embedded broker) and on PostgreSQL + NATS JetStream (real servers). The definition of
+//! "same semantics" is that every test here passes on both.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use seaport::Event;
+use seaport::broker::{Broker, BrokerError, ConsumerConfig, OutgoingMessage, PublishAck, Subscription};
+use seaport::consumer::{ConsumerRunner, Handler, HandlerContext, HandlerError, Outcome, RunnerConfig};
+use seaport::outbox::relay::{Relay, RelayConfig};
+use seaport::outbox::{self, Outbox};
+use seaport::testing::{Fixture, Kind};
+use tokio::sync::watch;
+
+static CLOCK: AtomicI64 = AtomicI64::new(0);
+
+/// A fixture with the tables the tests use as "domain" and "effects".
+async fn setup(kind: Kind) -> Fixture {
+    let f = Fixture::new(kind).await;
+    seaport::on_pool!(&f.db, p => {
+        sqlx::query("CREATE TABLE widgets (id TEXT PRIMARY KEY)").execute(p).await.unwrap();
+        sqlx::query("CREATE TABLE effects (consumer TEXT NOT NULL, event_id TEXT NOT NULL, worker TEXT NOT NULL, at BIGINT NOT NULL)")
+            .execute(p)
+            .await
+            .unwrap();
+    });
+    f
+}
+
+fn event(f: &Fixture, key: &str, n: usize) -> Event {
+    Event::new(f.subject("widgets.made"), "/test", serde_json::json!({ "n": n, "key": key })).with_subject(key)
+}
+
+async fn write_events(f: &Fixture, n: usize) -> Vec<Event> {
+    write_keyed(f, &["k"], n).await
+}
+
+/// `n` events per key, interleaved across keys, each in its own transaction with a domain row.
+async fn write_keyed(f: &Fixture, keys: &[&str], n: usize) -> Vec<Event> {
+    let outbox = Outbox::new();
+    let mut events = Vec::new();
+    for i in 0..n {
+        for key in keys {
+            let e = event(f, key, i);
+            let mut tx = f.db.begin_write().await.unwrap();
+            seaport::on_conn!(&mut tx, c => sqlx::query("INSERT INTO widgets (id) VALUES ($1)").bind(&e.id).execute(c).await.map(|_| ())).unwrap();
+            outbox.insert(&mut tx, &e).await.unwrap();
+            tx.commit().await.unwrap();
+            events.push(e);
+        }
+    }
+    events
+}
+
+async fn count(f: &Fixture, sql: &'static str) -> i64 {
+    seaport::on_pool!(&f.db, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap())
+}
+
+async fn drain(f: &Fixture) {
+    let mut relay = Relay::new(f.db.clone(), f.broker.clone(), RelayConfig::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        relay.run_once().await.unwrap();
+        if count(f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "relay did not drain the outbox");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Records each call as an effect row in the handler's transaction; fails while `fail_first`
+/// says so for an event.
+struct Recorder {
+    worker: String,
+    calls: Arc<AtomicUsize>,
+    failures_left: Arc<Mutex<HashMap<String, usize>>>,
+    delay: Duration,
+}
+
+impl Recorder {
+    fn new(worker: &str) -> Self {
+        Recorder {
+            worker: worker.to_owned(),
+            calls: Arc::default(),
+            failures_left: Arc::default(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let at = CLOCK.fetch_add(1, Ordering::SeqCst);
+        seaport::on_conn!(&mut *ctx.tx, c => sqlx::query("INSERT INTO effects (consumer, event_id, worker, at) VALUES ($1, $2, $3, $4)")
+            .bind(ctx.consumer)
+            .bind(&event.id)
+            .bind(&self.worker)
+            .bind(at)
+            .execute(c)
+            .await
+            .map(|_| ()))?;
+        let mut f = self.failures_left.lock().unwrap();
+        if let Some(n) = f.get_mut(&event.id).filter(|n| **n > 0) {
+            *n -= 1;
+            return Err(format!("injected failure for {}", event.id).into());
+        }
+        Ok(())
+    }
+}
+
+async fn effects(f: &Fixture, consumer: &str) -> Vec<(String, String)> {
+    seaport::on_pool!(&f.db, p => sqlx::query_as("SELECT event_id, worker FROM effects WHERE consumer = $1 ORDER BY at")
+        .bind(consumer)
+        .fetch_all(p)
+        .await
+        .unwrap())
+}
+
+async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn runner(f: &Fixture, durable: &str, handler: Recorder) -> ConsumerRunner {
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new(durable, format!("{}.>", f.root)));
+    cfg.base_backoff = Duration::from_millis(20);
+    cfg.batch_size = 1;
+    ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(handler))
+}
+
+
+/// Run each test body on both backends: `embedded::name` and `pg_jetstream::name`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Embedded).await } )*
+        }
+        mod pg_jetstream {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::PgJetStream).await } )*
+        }
+    };
+}
+
+conformance!(
+    outbox_row_and_domain_row_commit_or_roll_back_together,
+    outbox_refuses_invalid_events,
+    relay_publishes_in_order_and_never_marks_unconfirmed_rows,
+    relay_wakes_on_commit_without_waiting_for_the_poll,
+    broker_dedupes_publishes_by_message_id,
+    fan_out_every_durable_gets_every_message,
+    consumer_group_workers_share_messages_without_overlap,
+    failed_handler_is_redelivered_and_its_effects_rolled_back,
+    unacknowledged_message_is_redelivered_after_ack_wait,
+    duplicate_message_runs_the_handler_once,
+    message_that_keeps_failing_ends_in_dead_letters,
+    two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects,
+);
+
+async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
+    let f = setup(kind).await;
+    let outbox = Outbox::new();
+    let e = event(&f, "k", 1);
+    let insert_widget = "INSERT INTO widgets (id) VALUES ($1)";
+    let mut tx = f.db.begin_write().await.unwrap();
+    seaport::on_conn!(&mut tx, c => sqlx::query(insert_widget).bind(&e.id).execute(c).await.map(|_| ())).unwrap();
+    outbox.insert(&mut tx, &e).await.unwrap();
+    tx.rollback().await.unwrap();
+    let counts = async || (count(&f, "SELECT COUNT(*) FROM widgets").await, count(&f, "SELECT COUNT(*) FROM seaport_outbox").await);
+    assert_eq!(counts().await, (0, 0));
+
+    // A failure after the outbox insert (here: a duplicate domain key) takes the event with it.
+    let mut tx = f.db.begin_write().await.unwrap();
+    outbox.insert(&mut tx, &e).await.unwrap();
+    seaport::on_conn!(&mut tx, c => sqlx::query(insert_widget).bind("x").execute(c).await.map(|_| ())).unwrap();
+    let dup = seaport::on_conn!(&mut tx, c => sqlx::query(insert_widget).bind("x").execute(c).await.map(|_| ()));
+    assert!(dup.is_err());
+    drop(tx); // dropped without commit = rolled back
+    assert_eq!(counts().await, (0, 0));
+
+    let mut tx = f.db.begin_write().await.unwrap();
+    seaport::on_conn!(&mut tx, c => sqlx::query(insert_widget).bind(&e.id).execute(c).await.map(|_| ())).unwrap();
+    outbox.insert(&mut tx, &e).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(counts().await, (1, 1));
+    let s = outbox::status(&f.db).await.unwrap();
+    assert_eq!((s.unpublished, s.published), (1, 0));
+    assert!(s.oldest_unpublished_age_ms.is_some());
+    f.cleanup().await;
+}
+
+async fn outbox_refuses_invalid_events(kind: Kind) {
+    let f = setup(kind).await;
+    let mut tx = f.db.begin_write().await.unwrap();
+    let mut bad = event(&f, "k", 1);
+    bad.source.clear();
+    assert!(Outbox::new().insert(&mut tx, &bad).await.is_err());
+    let e = Event::new("not a subject", "/t", serde_json::json!({}));
+    assert!(Outbox::new().insert(&mut tx, &e).await.is_err());
+    drop(tx);
+    f.cleanup().await;
+}
+
+/// Wraps the real broker and refuses chosen messages (as a broker that lost its
+/// connection half-way would), so we can see what the relay marks.
+struct Refusing {
+    inner: Arc<dyn Broker>,
+    refuse: Mutex<HashMap<String, usize>>,
+}
+
+#[async_trait]
+impl Broker for Refusing {
+    async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), BrokerError> {
+        self.inner.ensure_stream(name, subjects).await
+    }
+    async fn publish(&self, messages: &[OutgoingMessage]) -> Vec<Result<PublishAck, BrokerError>> {
+        let mut out = Vec::new();
+        for m in messages {
+            let refused = {
+                let mut refuse = self.refuse.lock().unwrap();
+                refuse.get_mut(&m.id).filter(|n| **n > 0).map(|n| *n -= 1).is_some()
+            };
+            if refused {
+                out.push(Err(BrokerError::Unavailable("injected".into())));
+                continue;
+            }
+            out.extend(self.inner.publish(std::slice::from_ref(m)).await);
+        }
+        out
+    }
+    async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError> {
+        self.inner.subscribe(stream, config).await
+    }
+}
+
+async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 30).await;
+    let refused = events[7].id.clone();
+    let broker = Arc::new(Refusing { inner: f.broker.clone(), refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])) });
+    let mut relay = Relay::new(f.db.clone(), broker.clone(), RelayConfig { batch_size: 10, ..Default::default() });
+
+    let pass = relay.run_once().await.unwrap();
+    assert_eq!((pass.published, pass.failed), (9, 1));
+    let (unpublished, err): (Vec<String>, Option<String>) = seaport::on_pool!(&f.db, p => (
+        sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE published_at IS NULL ORDER BY seq").fetch_all(p).await.unwrap(),
+        sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1").bind(&refused).fetch_one(p).await.unwrap(),
+    ));
+    assert_eq!(unpublished.len(), 21);
+    assert_eq!(unpublished[0], refused, "the refused row stays unpublished");
+    assert!(err.unwrap().contains("injected"));
+
+    while relay.run_once().await.unwrap().published > 0 {}
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 0);
+    // What the broker has: every event once, in commit order except the refused one (retried).
+    let mut sub = f.broker.subscribe(&f.stream, ConsumerConfig::new("order_check", format!("{}.>", f.root))).await.unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < 30 {
+        let got = sub.fetch(100, Duration::from_secs(2)).await.unwrap();
+        assert!(!got.is_empty(), "missing messages: got {}", ids.len());
+        for d in got {
+            ids.push(d.message.id.clone());
+            d.ack().await.unwrap();
+        }
+    }
+    let mut expected: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    expected.retain(|id| *id != refused);
+    let pos = ids.iter().position(|id| *id == refused).expect("the refused event was published on retry");
+    let mut without = ids.clone();
+    without.remove(pos);
+    assert_eq!(without, expected);
+    f.cleanup().await;
+}
+
+async fn relay_wakes_on_commit_without_waiting_for_the_poll(kind: Kind) {
+    let f = setup(kind).await;
+    let relay = Relay::new(f.db.clone(), f.broker.clone(), RelayConfig { poll_interval: Duration::from_secs(3600), ..Default::default() });
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(relay.run(stopped));
+    tokio::time::sleep(Duration::from_millis(1500)).await; // idle, partitions taken, waiting
+    let events = write_events(&f, 3).await;
+    wait_for("the relay to publish without a poll", async || {
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL").await == events.len() as i64
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    f.cleanup().await;
+}
+
+async fn broker_dedupes_publishes_by_message_id(kind: Kind) {
+    let f = setup(kind).await;
+    let m = OutgoingMessage { id: "m1".into(), subject: f.subject("a"), headers: BTreeMap::new(), payload: b"x".to_vec() };
+    let first = f.broker.publish(std::slice::from_ref(&m)).await.remove(0).unwrap();
+    let second = f.broker.publish(std::slice::from_ref(&m)).await.remove(0).unwrap();
+    assert!(!first.duplicate && second.duplicate);
+    assert_eq!(first.seq, second.seq);
+    let other = OutgoingMessage { subject: "elsewhere.nobody.listens".into(), id: "m2".into(), ..m };
+    assert!(f.broker.publish(&[other]).await.remove(0).is_err(), "a subject without stream is refused");
+    f.cleanup().await;
+}
+
+async fn fan_out_every_durable_gets_every_message(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 20).await;
+    drain(&f).await;
+    let (stop, stopped) = watch::channel(false);
+    let names = ["analytics__from_sea", "audit__from_sea", "notifications__from_sea"];
+    let mut tasks = Vec::new();
+    for name in names {
+        tasks.push(tokio::spawn(runner(&f, name, Recorder::new(name)).run(stopped.clone())));
+    }
+    for name in names {
+        wait_for(name, async || effects(&f, name).await.len() >= 20).await;
+        let got: Vec<String> = effects(&f, name).await.into_iter().map(|(id, _)| id).collect();
+        let want: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        assert_eq!(got, want, "{name} got every message once, in order");
+    }
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    f.cleanup().await;
+}
+
+async fn consumer_group_workers_share_messages_without_overlap(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 40).await;
+    drain(&f).await;
+    let (stop, stopped) = watch::channel(false);
+    let mut calls = Vec::new();
+    let mut tasks = Vec::new();
+    for worker in ["w1", "w2"] {
+        let mut h = Recorder::new(worker);
+        h.delay = Duration::from_millis(10);
+        calls.push(h.calls.clone());
+        tasks.push(tokio::spawn(runner(&f, "sea_service__context", h).run(stopped.clone())));
+    }
+    wait_for("the group to process everything", async || effects(&f, "sea_service__context").await.len() >= 40).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // give a wrong duplicate time to show up
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let got = effects(&f, "sea_service__context").await;
+    let mut ids: Vec<&String> = got.iter().map(|(id, _)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40, "none lost");
+    assert_eq!(got.len(), 40, "none handled by both");
+    assert_eq!(calls.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>(), 40, "no handler ran twice");
+    for w in ["w1", "w2"] {
+        assert!(got.iter().any(|(_, worker)| worker == w), "{w} took a share");
+    }
+    let all: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert!(ids.iter().all(|id| all.contains(id)));
+    f.cleanup().await;
+}
+
+async fn failed_handler_is_redelivered_and_its_effects_rolled_back(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 3).await;
+    drain(&f).await;
+    let h = Recorder::new("w");
+    h.failures_left.lock().unwrap().insert(events[1].id.clone(), 2);
+    let calls = h.calls.clone();
+    let r = runner(&f, "retrying", h);
+    let mut sub = f.broker.subscribe(&f.stream, ConsumerConfig::new("retrying", format!("{}.>", f.root))).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.iter().filter(|(o, _, _)| *o == Outcome::Processed).count() < 3 {
+        let batch = sub.fetch(1, Duration::from_secs(5)).await.unwrap();
+        assert!(!batch.is_empty(), "a nak'ed message comes back");
+        for d in batch {
+            let o = r.process(&d).await.unwrap();
+            seen.push((o, d.delivery_count, d.message.id.clone()));
+        }
+    }
+    let for_failing: Vec<u32> = seen.iter().filter(|(_, _, id)| *id == events[1].id).map(|(_, n, _)| *n).collect();
+    assert_eq!(for_failing, vec![1, 2, 3], "delivery counter counts the attempts");
+    let first = &seen.iter().find(|(_, _, id)| *id == events[1].id).unwrap().0;
+    assert!(matches!(first, Outcome::Retry { error, delay } if error.contains("injected") && *delay >= Duration::from_millis(10)));
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    // The failed attempts wrote effects that were rolled back: one effect per event.
+    assert_eq!(effects(&f, "retrying").await.len(), 3);
+    f.cleanup().await;
+}
+
+async fn unacknowledged_message_is_redelivered_after_ack_wait(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 1).await;
+    drain(&f).await;
+    let mut cfg = ConsumerConfig::new("slow", format!("{}.>", f.root));
+    cfg.ack_wait = Duration::from_secs(1);
+    let mut a = f.broker.subscribe(&f.stream, cfg.clone()).await.unwrap();
+    let other = f.another_broker().await;
+    let mut b = other.subscribe(&f.stream, cfg).await.unwrap();
+    let first = a.fetch(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!((first.len(), first[0].delivery_count), (1, 1));
+    assert_eq!(first[0].message.id, events[0].id);
+    // While the first worker holds it, the other worker of the group does not get it...
+    assert!(b.fetch(1, Duration::from_millis(300)).await.unwrap().is_empty());
+    // ...but once the ack wait expires without an ack, it does.
+    let again = b.fetch(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!((again[0].message.id.as_str(), again[0].delivery_count), (events[0].id.as_str(), 2));
+    again[0].ack().await.unwrap();
+    assert!(a.fetch(1, Duration::from_millis(1500)).await.unwrap().is_empty(), "acked means done");
+    f.cleanup().await;
+}
+
+async fn duplicate_message_runs_the_handler_once(kind: Kind) {
+    let f = setup(kind).await;
+    let e = event(&f, "k", 1);
+    // The same event arriving twice under two message ids (e.g. re-published by another
+    // producer after the broker's dedupe window): the broker cannot tell, the inbox can.
+    for msg_id in ["copy-1", "copy-2"] {
+        let m = OutgoingMessage { id: msg_id.into(), subject: e.ty.clone(), headers: BTreeMap::new(), payload: e.to_json() };
+        f.broker.publish(&[m]).await.remove(0).unwrap();
+    }
+    let h = Recorder::new("w");
+    let calls = h.calls.clone();
+    let r = runner(&f, "dedupe", h);
+    let mut sub = f.broker.subscribe(&f.stream, ConsumerConfig::new("dedupe", format!("{}.>", f.root))).await.unwrap();
+    let mut outcomes = Vec::new();
+    while outcomes.len() < 2 {
+        for d in sub.fetch(10, Duration::from_secs(2)).await.unwrap() {
+            outcomes.push(r.process(&d).await.unwrap());
+        }
+    }
+    assert_eq!(outcomes, vec![Outcome::Processed, Outcome::Duplicate]);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(effects(&f, "dedupe").await.len(), 1);
+    assert!(sub.fetch(10, Duration::from_millis(500)).await.unwrap().is_empty(), "the duplicate was acked");
+    f.cleanup().await;
+}
+
+async fn message_that_keeps_failing_ends_in_dead_letters(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 2).await;
+    drain(&f).await;
+    let h = Recorder::new("w");
+    h.failures_left.lock().unwrap().insert(events[0].id.clone(), usize::MAX);
+    let mut cfg = RunnerConfig::new(ConsumerConfig { max_deliver: 3, ..ConsumerConfig::new("poison", format!("{}.>", f.root)) });
+    cfg.base_backoff = Duration::from_millis(10);
+    let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(r.run(stopped));
+    wait_for("the dead letter", async || count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1).await;
+    wait_for("the healthy message", async || effects(&f, "poison").await.len() == 1).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let (id, n, error, consumer): (String, i64, String, String) = seaport::on_pool!(&f.db, p =>
+        sqlx::query_as("SELECT message_id, delivery_count, last_error, consumer FROM seaport_dead_letters").fetch_one(p).await.unwrap());
+    assert_eq!((id.as_str(), n, consumer.as_str()), (events[0].id.as_str(), 3, "poison"));
+    assert!(error.contains("injected failure"));
+    f.cleanup().await;
+}
+
+/// Two relays (separate database and broker handles, as two processes) and a consumer group of
+/// two workers plus a fan-out consumer: every event delivered once, per-key order kept in the
+/// stream and at the single-worker consumer, effects exactly once.
+async fn two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects(kind: Kind) {
+    let f = setup(kind).await;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let relay = Relay::new(f.another_db().await, f.another_broker().await, RelayConfig { batch_size: 16, ..Default::default() });
+        let r = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            relay.run(r).await;
+            Ok(())
+        }));
+    }
+    for worker in ["w1", "w2"] {
+        let r = runner(&f, "sea_service__context", Recorder::new(worker));
+        tasks.push(tokio::spawn(r.run(stopped.clone())));
+    }
+    tasks.push(tokio::spawn(runner(&f, "audit__from_sea", Recorder::new("solo")).run(stopped.clone())));
+    let keys = ["case-a", "case-b", "case-c", "case-d", "case-e"];
+    // Written concurrently by two writers, while the relays run.
+    let (first, second) = tokio::join!(write_keyed(&f, &keys[..3], 20), write_keyed(&f, &keys[3..], 20));
+    let events: Vec<Event> = first.into_iter().chain(second).collect();
+    let total = events.len();
+    wait_for("all effects", async || {
+        effects(&f, "sea_service__context").await.len() >= total && effects(&f, "audit__from_sea").await.len() >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    for t in tasks {
+        let _: Result<(), BrokerError> = t.await.unwrap();
+    }
+    let by_id: HashMap<&str, &Event> = events.iter().map(|e| (e.id.as_str(), e)).collect();
+    for consumer in ["sea_service__context", "audit__from_sea"] {
+        let got = effects(&f, consumer).await;
+        assert_eq!(got.len(), total, "{consumer}: exactly one effect per event");
+        let mut ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), total, "{consumer}: none lost");
+    }
+    // Per key, the single-worker consumer saw events in the order they were written.
+    let solo = effects(&f, "audit__from_sea").await;
+    for key in keys {
+        let ns: Vec<u64> = solo
+            .iter()
+            .map(|(id, _)| by_id[id.as_str()])
+            .filter(|e| e.subject.as_deref() == Some(key))
+            .map(|e| e.data.as_ref().unwrap()["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ns, (0..20).collect::<Vec<u64>>(), "order of {key}");
+    }
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 0);
+    f.cleanup().await;
+}
