@@ -1,9 +1,19 @@
-//! The sea service over real HTTP on the embedded default.
+//! The sea service over real HTTP, on the embedded default and on PostgreSQL + NATS JetStream.
 
 mod common;
 
 use common::{FAN_OUT, TestService, wait_for};
+use seaport::testing::Kind;
 use serde_json::{Value, json};
+
+on_both_backends!(
+    case_is_created_listed_fetched_and_traced_through_all_consumers,
+    same_idempotency_key_replays_and_creates_nothing_new,
+    concurrent_retries_with_one_key_create_one_case,
+    bad_requests_get_problem_details,
+    pagination_edges,
+    invalid_correlation_ids_are_replaced_not_echoed,
+);
 
 async fn post_case(s: &TestService, key: &str, body: &Value) -> reqwest::Response {
     s.http
@@ -24,9 +34,8 @@ async fn problem(res: reqwest::Response, status: u16) -> Value {
     p
 }
 
-#[tokio::test]
-async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
-    let s = TestService::start().await;
+async fn case_is_created_listed_fetched_and_traced_through_all_consumers(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     let res = s
         .http
         .post(s.url("/cases"))
@@ -93,11 +102,9 @@ async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
     assert_eq!(events[1]["depth"], 1);
 
     // The stored event itself carries correlation and causation (the request id).
-    let db = s.db().await;
-    let envelope: Vec<u8> = sqlx::query_scalar("SELECT envelope FROM seaport_outbox WHERE topic = 'sea.cases.created'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let envelope = s
+        .bytes("SELECT envelope FROM seaport_outbox WHERE topic LIKE '%.cases.created'")
+        .await;
     let e: Value = serde_json::from_slice(&envelope).unwrap();
     assert_eq!(e["specversion"], "1.0");
     assert_eq!(e["correlationid"], "corr-e2e-1");
@@ -105,9 +112,8 @@ async fn case_is_created_listed_fetched_and_traced_through_all_consumers() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn same_idempotency_key_replays_and_creates_nothing_new() {
-    let s = TestService::start().await;
+async fn same_idempotency_key_replays_and_creates_nothing_new(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     let body = json!({"title": "t", "customer_id": "c"});
     let first = post_case(&s, "k-1", &body).await;
     assert_eq!(first.status(), 201);
@@ -153,22 +159,16 @@ async fn same_idempotency_key_replays_and_creates_nothing_new() {
     assert!(other.headers().get("idempotent-replayed").is_none());
     assert_ne!(other.json::<Value>().await.unwrap()["id"], first_body["id"]);
 
-    let db = s.db().await;
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE topic = 'sea.cases.created'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let cases = s.count("SELECT COUNT(*) FROM cases").await;
+    let events = s
+        .count("SELECT COUNT(*) FROM seaport_outbox WHERE topic LIKE '%.cases.created'")
+        .await;
     assert_eq!((cases, events), (2, 2));
     s.stop().await;
 }
 
-#[tokio::test]
-async fn concurrent_retries_with_one_key_create_one_case() {
-    let s = TestService::start().await;
+async fn concurrent_retries_with_one_key_create_one_case(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     let body = json!({"title": "race", "customer_id": "c"});
     let mut handles = Vec::new();
     for _ in 0..8 {
@@ -192,17 +192,13 @@ async fn concurrent_retries_with_one_key_create_one_case() {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "every retry got the same case");
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
-        .fetch_one(&s.db().await)
-        .await
-        .unwrap();
+    let cases = s.count("SELECT COUNT(*) FROM cases").await;
     assert_eq!(cases, 1);
     s.stop().await;
 }
 
-#[tokio::test]
-async fn bad_requests_get_problem_details() {
-    let s = TestService::start().await;
+async fn bad_requests_get_problem_details(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     let ok = json!({"title": "t", "customer_id": "c"});
     let missing = s.http.post(s.url("/cases")).json(&ok).send().await.unwrap();
     assert_eq!(problem(missing, 400).await["type"], "/problems/idempotency-key-missing");
@@ -285,17 +281,13 @@ async fn bad_requests_get_problem_details() {
         assert!(p["invalid-params"].is_array(), "{q}");
     }
     // Nothing was created by any of these.
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
-        .fetch_one(&s.db().await)
-        .await
-        .unwrap();
+    let cases = s.count("SELECT COUNT(*) FROM cases").await;
     assert_eq!(cases, 0);
     s.stop().await;
 }
 
-#[tokio::test]
-async fn pagination_edges() {
-    let s = TestService::start().await;
+async fn pagination_edges(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     for i in 0..45 {
         assert_eq!(
             post_case(
@@ -340,9 +332,8 @@ async fn pagination_edges() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_correlation_ids_are_replaced_not_echoed() {
-    let s = TestService::start().await;
+async fn invalid_correlation_ids_are_replaced_not_echoed(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     let res = s
         .http
         .post(s.url("/cases"))
@@ -360,11 +351,7 @@ async fn invalid_correlation_ids_are_replaced_not_echoed() {
     );
     let case: Value = res.json().await.unwrap();
     assert_eq!(case["correlation_id"], echoed);
-    let db = s.db().await;
-    let envelope: Vec<u8> = sqlx::query_scalar("SELECT envelope FROM seaport_outbox")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let envelope = s.bytes("SELECT envelope FROM seaport_outbox").await;
     assert_eq!(
         serde_json::from_slice::<Value>(&envelope).unwrap()["correlationid"],
         echoed

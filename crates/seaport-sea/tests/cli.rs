@@ -95,7 +95,9 @@ async fn outbox_status_and_trace_read_the_live_database() {
     assert!(err.contains("no events recorded"), "{err}");
 
     // The embedded database runs in WAL mode, and the audit log refuses rewrites.
-    let db = s.db().await;
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", s.dir.path().join("seaport.db").display()))
+        .await
+        .unwrap();
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&db).await.unwrap();
     assert_eq!(mode, "wal");
     assert!(

@@ -1,30 +1,52 @@
-//! Shared helpers of the service tests: a service on a random port, an HTTP client, waiting.
+//! Shared helpers of the service tests: a service on a random port (embedded, or PostgreSQL +
+//! NATS JetStream with a private database and stream), an HTTP client, waiting.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
 
-use seaport_sea::app::{self, Config, Running};
+use seaport::store::Db;
+use seaport::testing::Kind;
+use seaport_sea::app::{self, Config, Running, Topics};
 
 pub struct TestService {
     pub running: Option<Running>,
     pub base: String,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
+    pub config: Config,
+    pub db: Db,
 }
 
 impl TestService {
     pub async fn start() -> Self {
+        Self::start_on(Kind::Embedded).await
+    }
+
+    pub async fn start_on(kind: Kind) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::embedded(dir.path());
         config.listen = "127.0.0.1:0".parse().unwrap();
-        let running = app::start(config).await.unwrap();
+        if kind == Kind::PgJetStream {
+            let tag = uuid::Uuid::now_v7().simple().to_string();
+            let tag = &tag[tag.len() - 12..];
+            config.database_url = Some(seaport::testing::fresh_pg_database().await);
+            config.nats_url = Some(seaport::testing::nats_url());
+            config.stream = format!("S{tag}");
+            config.topics = Topics {
+                root: format!("s{tag}"),
+            };
+        }
+        let running = app::start(config.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);
+        let db = app::open_store(&config).await.unwrap();
         TestService {
             running: Some(running),
             base,
             dir,
             http: reqwest::Client::new(),
+            config,
+            db,
         }
     }
 
@@ -32,14 +54,36 @@ impl TestService {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn db(&self) -> sqlx::SqlitePool {
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.dir.path().join("seaport.db").display()))
-            .await
-            .unwrap()
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        seaport::on_pool!(&self.db, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap())
+    }
+
+    pub async fn bytes(&self, sql: &'static str) -> Vec<u8> {
+        seaport::on_pool!(&self.db, p => sqlx::query_scalar::<_, Vec<u8>>(sql).fetch_one(p).await.unwrap())
+    }
+
+    /// The event type as a broker subject of this service.
+    pub fn topic(&self, event_type: &str) -> String {
+        self.config.topics.topic(event_type)
     }
 
     pub async fn stop(mut self) {
         self.running.take().unwrap().shutdown().await.unwrap();
+        self.db.close().await;
+        if let (Some(url), Some(nats)) = (&self.config.database_url, &self.config.nats_url) {
+            if let Ok(b) = seaport::broker::jetstream::JetStreamBroker::connect(nats).await {
+                let _ = b.context().delete_stream(&self.config.stream).await;
+            }
+            let name = url.rsplit('/').next().unwrap_or_default();
+            let admin = seaport::testing::database_admin_url();
+            if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut c)
+                .await;
+            }
+        }
     }
 }
 
@@ -53,3 +97,16 @@ pub async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
 
 /// The three fan-out consumers of the sea service.
 pub const FAN_OUT: [&str; 3] = ["analytics__from_sea", "audit__from_sea", "notifications__from_sea"];
+
+/// Run each test body on both deployments: `embedded::name` and `pg_jetstream::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(seaport::testing::Kind::Embedded).await } )*
+        }
+        mod pg_jetstream {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(seaport::testing::Kind::PgJetStream).await } )*
+        }
+    };
+}

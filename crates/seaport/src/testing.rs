@@ -46,12 +46,20 @@ pub struct Fixture {
 /// Create a fresh PostgreSQL database named `seaport_t_<random>`; returns its URL.
 pub async fn fresh_pg_database() -> String {
     let admin = database_admin_url();
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL is not reachable at {admin}: {e}\nStart it with `bash scripts/services`.")
-    });
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at {admin}: {e}\nStart it with `bash scripts/services`.")
+        });
     let name = format!("seaport_t_{}", uuid::Uuid::now_v7().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create test database");
-    let base = admin.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(admin.clone());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_owned())
+        .unwrap_or(admin.clone());
     format!("{base}/{name}")
 }
 
@@ -63,10 +71,23 @@ impl Fixture {
         match kind {
             Kind::Embedded => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let store = SqliteStore::open(dir.path().join("seaport.db")).await.expect("open SQLite");
+                let store = SqliteStore::open(dir.path().join("seaport.db"))
+                    .await
+                    .expect("open SQLite");
                 let broker = EmbeddedBroker::new(&store);
-                broker.ensure_stream(&stream, &[&format!("{root}.>")]).await.expect("stream");
-                Fixture { kind, db: store.into(), broker: Arc::new(broker), stream, root, database_url: None, dir: Some(dir) }
+                broker
+                    .ensure_stream(&stream, &[&format!("{root}.>")])
+                    .await
+                    .expect("stream");
+                Fixture {
+                    kind,
+                    db: store.into(),
+                    broker: Arc::new(broker),
+                    stream,
+                    root,
+                    database_url: None,
+                    dir: Some(dir),
+                }
             }
             Kind::PgJetStream => {
                 let url = fresh_pg_database().await;
@@ -75,8 +96,19 @@ impl Fixture {
                 let broker = JetStreamBroker::connect(&nats).await.unwrap_or_else(|e| {
                     panic!("NATS JetStream is not reachable at {nats}: {e}\nStart it with `bash scripts/services`.")
                 });
-                broker.ensure_stream(&stream, &[&format!("{root}.>")]).await.expect("stream");
-                Fixture { kind, db: store.into(), broker: Arc::new(broker), stream, root, database_url: Some(url), dir: None }
+                broker
+                    .ensure_stream(&stream, &[&format!("{root}.>")])
+                    .await
+                    .expect("stream");
+                Fixture {
+                    kind,
+                    db: store.into(),
+                    broker: Arc::new(broker),
+                    stream,
+                    root,
+                    database_url: Some(url),
+                    dir: None,
+                }
             }
         }
     }
@@ -98,7 +130,10 @@ impl Fixture {
     pub async fn another_db(&self) -> Db {
         match &self.db {
             Db::Sqlite(s) => Db::Sqlite(s.clone()),
-            Db::Postgres(_) => PgStore::connect(self.database_url.as_ref().expect("url")).await.expect("PostgreSQL").into(),
+            Db::Postgres(_) => PgStore::connect(self.database_url.as_ref().expect("url"))
+                .await
+                .expect("PostgreSQL")
+                .into(),
         }
     }
 
@@ -112,7 +147,11 @@ impl Fixture {
             if let Some(url) = &self.database_url {
                 let name = url.rsplit('/').next().unwrap_or_default().to_owned();
                 if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&database_admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
                 }
             }
         }

@@ -32,7 +32,12 @@ async fn setup(kind: Kind) -> Fixture {
 }
 
 fn event(f: &Fixture, key: &str, n: usize) -> Event {
-    Event::new(f.subject("widgets.made"), "/test", serde_json::json!({ "n": n, "key": key })).with_subject(key)
+    Event::new(
+        f.subject("widgets.made"),
+        "/test",
+        serde_json::json!({ "n": n, "key": key }),
+    )
+    .with_subject(key)
 }
 
 async fn write_events(f: &Fixture, n: usize) -> Vec<Event> {
@@ -141,7 +146,6 @@ fn runner(f: &Fixture, durable: &str, handler: Recorder) -> ConsumerRunner {
     ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(handler))
 }
 
-
 /// Run each test body on both backends: `embedded::name` and `pg_jetstream::name`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -178,7 +182,12 @@ async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
     seaport::on_conn!(&mut tx, c => sqlx::query(insert_widget).bind(&e.id).execute(c).await.map(|_| ())).unwrap();
     outbox.insert(&mut tx, &e).await.unwrap();
     tx.rollback().await.unwrap();
-    let counts = async || (count(&f, "SELECT COUNT(*) FROM widgets").await, count(&f, "SELECT COUNT(*) FROM seaport_outbox").await);
+    let counts = async || {
+        (
+            count(&f, "SELECT COUNT(*) FROM widgets").await,
+            count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
+        )
+    };
     assert_eq!(counts().await, (0, 0));
 
     // A failure after the outbox insert (here: a duplicate domain key) takes the event with it.
@@ -249,8 +258,18 @@ async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
     let f = setup(kind).await;
     let events = write_events(&f, 30).await;
     let refused = events[7].id.clone();
-    let broker = Arc::new(Refusing { inner: f.broker.clone(), refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])) });
-    let mut relay = Relay::new(f.db.clone(), broker.clone(), RelayConfig { batch_size: 10, ..Default::default() });
+    let broker = Arc::new(Refusing {
+        inner: f.broker.clone(),
+        refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])),
+    });
+    let mut relay = Relay::new(
+        f.db.clone(),
+        broker.clone(),
+        RelayConfig {
+            batch_size: 10,
+            ..Default::default()
+        },
+    );
 
     let pass = relay.run_once().await.unwrap();
     assert_eq!((pass.published, pass.failed), (9, 1));
@@ -263,9 +282,16 @@ async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
     assert!(err.unwrap().contains("injected"));
 
     while relay.run_once().await.unwrap().published > 0 {}
-    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 0);
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
+        0
+    );
     // What the broker has: every event once, in commit order except the refused one (retried).
-    let mut sub = f.broker.subscribe(&f.stream, ConsumerConfig::new("order_check", format!("{}.>", f.root))).await.unwrap();
+    let mut sub = f
+        .broker
+        .subscribe(&f.stream, ConsumerConfig::new("order_check", format!("{}.>", f.root)))
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     while ids.len() < 30 {
         let got = sub.fetch(100, Duration::from_secs(2)).await.unwrap();
@@ -277,7 +303,10 @@ async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
     }
     let mut expected: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     expected.retain(|id| *id != refused);
-    let pos = ids.iter().position(|id| *id == refused).expect("the refused event was published on retry");
+    let pos = ids
+        .iter()
+        .position(|id| *id == refused)
+        .expect("the refused event was published on retry");
     let mut without = ids.clone();
     without.remove(pos);
     assert_eq!(without, expected);
@@ -286,7 +315,14 @@ async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
 
 async fn relay_wakes_on_commit_without_waiting_for_the_poll(kind: Kind) {
     let f = setup(kind).await;
-    let relay = Relay::new(f.db.clone(), f.broker.clone(), RelayConfig { poll_interval: Duration::from_secs(3600), ..Default::default() });
+    let relay = Relay::new(
+        f.db.clone(),
+        f.broker.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(relay.run(stopped));
     tokio::time::sleep(Duration::from_millis(1500)).await; // idle, partitions taken, waiting
@@ -302,13 +338,25 @@ async fn relay_wakes_on_commit_without_waiting_for_the_poll(kind: Kind) {
 
 async fn broker_dedupes_publishes_by_message_id(kind: Kind) {
     let f = setup(kind).await;
-    let m = OutgoingMessage { id: "m1".into(), subject: f.subject("a"), headers: BTreeMap::new(), payload: b"x".to_vec() };
+    let m = OutgoingMessage {
+        id: "m1".into(),
+        subject: f.subject("a"),
+        headers: BTreeMap::new(),
+        payload: b"x".to_vec(),
+    };
     let first = f.broker.publish(std::slice::from_ref(&m)).await.remove(0).unwrap();
     let second = f.broker.publish(std::slice::from_ref(&m)).await.remove(0).unwrap();
     assert!(!first.duplicate && second.duplicate);
     assert_eq!(first.seq, second.seq);
-    let other = OutgoingMessage { subject: "elsewhere.nobody.listens".into(), id: "m2".into(), ..m };
-    assert!(f.broker.publish(&[other]).await.remove(0).is_err(), "a subject without stream is refused");
+    let other = OutgoingMessage {
+        subject: "elsewhere.nobody.listens".into(),
+        id: "m2".into(),
+        ..m
+    };
+    assert!(
+        f.broker.publish(&[other]).await.remove(0).is_err(),
+        "a subject without stream is refused"
+    );
     f.cleanup().await;
 }
 
@@ -348,7 +396,10 @@ async fn consumer_group_workers_share_messages_without_overlap(kind: Kind) {
         calls.push(h.calls.clone());
         tasks.push(tokio::spawn(runner(&f, "sea_service__context", h).run(stopped.clone())));
     }
-    wait_for("the group to process everything", async || effects(&f, "sea_service__context").await.len() >= 40).await;
+    wait_for("the group to process everything", async || {
+        effects(&f, "sea_service__context").await.len() >= 40
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // give a wrong duplicate time to show up
     stop.send(true).unwrap();
     for t in tasks {
@@ -360,7 +411,11 @@ async fn consumer_group_workers_share_messages_without_overlap(kind: Kind) {
     ids.dedup();
     assert_eq!(ids.len(), 40, "none lost");
     assert_eq!(got.len(), 40, "none handled by both");
-    assert_eq!(calls.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>(), 40, "no handler ran twice");
+    assert_eq!(
+        calls.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>(),
+        40,
+        "no handler ran twice"
+    );
     for w in ["w1", "w2"] {
         assert!(got.iter().any(|(_, worker)| worker == w), "{w} took a share");
     }
@@ -377,7 +432,11 @@ async fn failed_handler_is_redelivered_and_its_effects_rolled_back(kind: Kind) {
     h.failures_left.lock().unwrap().insert(events[1].id.clone(), 2);
     let calls = h.calls.clone();
     let r = runner(&f, "retrying", h);
-    let mut sub = f.broker.subscribe(&f.stream, ConsumerConfig::new("retrying", format!("{}.>", f.root))).await.unwrap();
+    let mut sub = f
+        .broker
+        .subscribe(&f.stream, ConsumerConfig::new("retrying", format!("{}.>", f.root)))
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     while seen.iter().filter(|(o, _, _)| *o == Outcome::Processed).count() < 3 {
         let batch = sub.fetch(1, Duration::from_secs(5)).await.unwrap();
@@ -387,10 +446,16 @@ async fn failed_handler_is_redelivered_and_its_effects_rolled_back(kind: Kind) {
             seen.push((o, d.delivery_count, d.message.id.clone()));
         }
     }
-    let for_failing: Vec<u32> = seen.iter().filter(|(_, _, id)| *id == events[1].id).map(|(_, n, _)| *n).collect();
+    let for_failing: Vec<u32> = seen
+        .iter()
+        .filter(|(_, _, id)| *id == events[1].id)
+        .map(|(_, n, _)| *n)
+        .collect();
     assert_eq!(for_failing, vec![1, 2, 3], "delivery counter counts the attempts");
     let first = &seen.iter().find(|(_, _, id)| *id == events[1].id).unwrap().0;
-    assert!(matches!(first, Outcome::Retry { error, delay } if error.contains("injected") && *delay >= Duration::from_millis(10)));
+    assert!(
+        matches!(first, Outcome::Retry { error, delay } if error.contains("injected") && *delay >= Duration::from_millis(10))
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 5);
     // The failed attempts wrote effects that were rolled back: one effect per event.
     assert_eq!(effects(&f, "retrying").await.len(), 3);
@@ -413,9 +478,15 @@ async fn unacknowledged_message_is_redelivered_after_ack_wait(kind: Kind) {
     assert!(b.fetch(1, Duration::from_millis(300)).await.unwrap().is_empty());
     // ...but once the ack wait expires without an ack, it does.
     let again = b.fetch(1, Duration::from_secs(10)).await.unwrap();
-    assert_eq!((again[0].message.id.as_str(), again[0].delivery_count), (events[0].id.as_str(), 2));
+    assert_eq!(
+        (again[0].message.id.as_str(), again[0].delivery_count),
+        (events[0].id.as_str(), 2)
+    );
     again[0].ack().await.unwrap();
-    assert!(a.fetch(1, Duration::from_millis(1500)).await.unwrap().is_empty(), "acked means done");
+    assert!(
+        a.fetch(1, Duration::from_millis(1500)).await.unwrap().is_empty(),
+        "acked means done"
+    );
     f.cleanup().await;
 }
 
@@ -425,13 +496,22 @@ async fn duplicate_message_runs_the_handler_once(kind: Kind) {
     // The same event arriving twice under two message ids (e.g. re-published by another
     // producer after the broker's dedupe window): the broker cannot tell, the inbox can.
     for msg_id in ["copy-1", "copy-2"] {
-        let m = OutgoingMessage { id: msg_id.into(), subject: e.ty.clone(), headers: BTreeMap::new(), payload: e.to_json() };
+        let m = OutgoingMessage {
+            id: msg_id.into(),
+            subject: e.ty.clone(),
+            headers: BTreeMap::new(),
+            payload: e.to_json(),
+        };
         f.broker.publish(&[m]).await.remove(0).unwrap();
     }
     let h = Recorder::new("w");
     let calls = h.calls.clone();
     let r = runner(&f, "dedupe", h);
-    let mut sub = f.broker.subscribe(&f.stream, ConsumerConfig::new("dedupe", format!("{}.>", f.root))).await.unwrap();
+    let mut sub = f
+        .broker
+        .subscribe(&f.stream, ConsumerConfig::new("dedupe", format!("{}.>", f.root)))
+        .await
+        .unwrap();
     let mut outcomes = Vec::new();
     while outcomes.len() < 2 {
         for d in sub.fetch(10, Duration::from_secs(2)).await.unwrap() {
@@ -441,7 +521,10 @@ async fn duplicate_message_runs_the_handler_once(kind: Kind) {
     assert_eq!(outcomes, vec![Outcome::Processed, Outcome::Duplicate]);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(effects(&f, "dedupe").await.len(), 1);
-    assert!(sub.fetch(10, Duration::from_millis(500)).await.unwrap().is_empty(), "the duplicate was acked");
+    assert!(
+        sub.fetch(10, Duration::from_millis(500)).await.unwrap().is_empty(),
+        "the duplicate was acked"
+    );
     f.cleanup().await;
 }
 
@@ -451,18 +534,27 @@ async fn message_that_keeps_failing_ends_in_dead_letters(kind: Kind) {
     drain(&f).await;
     let h = Recorder::new("w");
     h.failures_left.lock().unwrap().insert(events[0].id.clone(), usize::MAX);
-    let mut cfg = RunnerConfig::new(ConsumerConfig { max_deliver: 3, ..ConsumerConfig::new("poison", format!("{}.>", f.root)) });
+    let mut cfg = RunnerConfig::new(ConsumerConfig {
+        max_deliver: 3,
+        ..ConsumerConfig::new("poison", format!("{}.>", f.root))
+    });
     cfg.base_backoff = Duration::from_millis(10);
     let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(r.run(stopped));
-    wait_for("the dead letter", async || count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1).await;
+    wait_for("the dead letter", async || {
+        count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1
+    })
+    .await;
     wait_for("the healthy message", async || effects(&f, "poison").await.len() == 1).await;
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     let (id, n, error, consumer): (String, i64, String, String) = seaport::on_pool!(&f.db, p =>
         sqlx::query_as("SELECT message_id, delivery_count, last_error, consumer FROM seaport_dead_letters").fetch_one(p).await.unwrap());
-    assert_eq!((id.as_str(), n, consumer.as_str()), (events[0].id.as_str(), 3, "poison"));
+    assert_eq!(
+        (id.as_str(), n, consumer.as_str()),
+        (events[0].id.as_str(), 3, "poison")
+    );
     assert!(error.contains("injected failure"));
     f.cleanup().await;
 }
@@ -475,7 +567,14 @@ async fn two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects(
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     for _ in 0..2 {
-        let relay = Relay::new(f.another_db().await, f.another_broker().await, RelayConfig { batch_size: 16, ..Default::default() });
+        let relay = Relay::new(
+            f.another_db().await,
+            f.another_broker().await,
+            RelayConfig {
+                batch_size: 16,
+                ..Default::default()
+            },
+        );
         let r = stopped.clone();
         tasks.push(tokio::spawn(async move {
             relay.run(r).await;
@@ -486,7 +585,9 @@ async fn two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects(
         let r = runner(&f, "sea_service__context", Recorder::new(worker));
         tasks.push(tokio::spawn(r.run(stopped.clone())));
     }
-    tasks.push(tokio::spawn(runner(&f, "audit__from_sea", Recorder::new("solo")).run(stopped.clone())));
+    tasks.push(tokio::spawn(
+        runner(&f, "audit__from_sea", Recorder::new("solo")).run(stopped.clone()),
+    ));
     let keys = ["case-a", "case-b", "case-c", "case-d", "case-e"];
     // Written concurrently by two writers, while the relays run.
     let (first, second) = tokio::join!(write_keyed(&f, &keys[..3], 20), write_keyed(&f, &keys[3..], 20));
@@ -521,6 +622,9 @@ async fn two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects(
             .collect();
         assert_eq!(ns, (0..20).collect::<Vec<u64>>(), "order of {key}");
     }
-    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 0);
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
+        0
+    );
     f.cleanup().await;
 }

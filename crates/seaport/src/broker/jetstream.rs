@@ -48,10 +48,16 @@ impl JetStreamBroker {
         let reply = tokio::time::timeout(Duration::from_secs(10), client.request("$JS.API.INFO", Bytes::new()))
             .await
             .map_err(|_| BrokerError::Unavailable(format!("no NATS server answering at {url}")))?
-            .map_err(|e| BrokerError::Unavailable(format!("NATS at {url} has no JetStream (start nats-server with -js): {e}")))?;
+            .map_err(|e| {
+                BrokerError::Unavailable(format!(
+                    "NATS at {url} has no JetStream (start nats-server with -js): {e}"
+                ))
+            })?;
         let text = String::from_utf8_lossy(&reply.payload);
         if !text.contains("account_info_response") || text.contains("\"error\"") {
-            return Err(BrokerError::Unavailable(format!("NATS at {url} has no usable JetStream: {text}")));
+            return Err(BrokerError::Unavailable(format!(
+                "NATS at {url} has no usable JetStream: {text}"
+            )));
         }
         let js = jetstream::new(client.clone());
         Ok(JetStreamBroker { client, js })
