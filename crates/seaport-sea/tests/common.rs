@@ -58,6 +58,10 @@ impl TestService {
         seaport::on_pool!(&self.db, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap())
     }
 
+    pub async fn count_for(&self, sql: &'static str, arg: &str) -> i64 {
+        seaport::on_pool!(&self.db, p => sqlx::query_scalar::<_, i64>(sql).bind(arg).fetch_one(p).await.unwrap())
+    }
+
     pub async fn bytes(&self, sql: &'static str) -> Vec<u8> {
         seaport::on_pool!(&self.db, p => sqlx::query_scalar::<_, Vec<u8>>(sql).fetch_one(p).await.unwrap())
     }
@@ -68,7 +72,9 @@ impl TestService {
     }
 
     pub async fn stop(mut self) {
-        self.running.take().unwrap().shutdown().await.unwrap();
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
         self.db.close().await;
         if let (Some(url), Some(nats)) = (&self.config.database_url, &self.config.nats_url) {
             if let Ok(b) = seaport::broker::jetstream::JetStreamBroker::connect(nats).await {

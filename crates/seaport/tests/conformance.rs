@@ -171,6 +171,7 @@ conformance!(
     duplicate_message_runs_the_handler_once,
     message_that_keeps_failing_ends_in_dead_letters,
     two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects,
+    retention_deletes_only_old_published_rows_and_old_inbox_records,
 );
 
 async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
@@ -626,5 +627,35 @@ async fn two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects(
         count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
         0
     );
+    f.cleanup().await;
+}
+
+async fn retention_deletes_only_old_published_rows_and_old_inbox_records(kind: Kind) {
+    let f = setup(kind).await;
+    write_events(&f, 5).await;
+    drain(&f).await;
+    write_events(&f, 2).await; // unpublished: never deleted, however old
+    let mut tx = f.db.begin_write().await.unwrap();
+    for (consumer, id) in [("c", "old-1"), ("c", "old-2"), ("c", "new-1")] {
+        assert!(seaport::inbox::record(&mut tx, consumer, id, None).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    seaport::on_pool!(&f.db, p => {
+        sqlx::query("UPDATE seaport_outbox SET published_at = published_at - 7200000, created_at = created_at - 7200000").execute(p).await.unwrap();
+        sqlx::query("UPDATE seaport_inbox SET processed_at = processed_at - 7200000 WHERE message_id LIKE 'old-%'").execute(p).await.unwrap();
+    });
+    let config = seaport::retention::RetentionConfig {
+        outbox: Duration::from_secs(3600),
+        inbox: Duration::from_secs(3600),
+        batch: 3,
+        interval: Duration::from_secs(60),
+    };
+    let first = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
+    assert_eq!((first.outbox, first.inbox, first.skipped), (3, 2, false), "bounded batches");
+    let second = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
+    assert_eq!(second.outbox, 2);
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 2, "unpublished rows stay");
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 2);
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_inbox").await, 1, "recent inbox records stay");
     f.cleanup().await;
 }

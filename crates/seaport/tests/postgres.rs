@@ -99,3 +99,25 @@ async fn relays_share_partitions_and_take_over_from_a_dead_one() {
     }
     f.cleanup().await;
 }
+
+/// Only one instance sweeps at a time: while another holds the sweeper lock, a round is skipped.
+#[tokio::test]
+async fn one_retention_sweeper_at_a_time() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    let mut holder = pg.begin_write().await.unwrap();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, 1000)")
+        .bind(seaport::outbox::relay::LOCK_NAMESPACE)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert!(got);
+    let other = f.another_db().await;
+    let swept = seaport::retention::sweep_once(&other, &Default::default()).await.unwrap();
+    assert!(swept.skipped);
+    holder.rollback().await.unwrap();
+    let swept = seaport::retention::sweep_once(&other, &Default::default()).await.unwrap();
+    assert!(!swept.skipped);
+    other.close().await;
+    f.cleanup().await;
+}
