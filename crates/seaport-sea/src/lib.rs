@@ -7,6 +7,7 @@
 //! - [`app`]: wiring of storage, broker, relay, consumers and HTTP
 
 pub mod app;
+pub mod bench;
 pub mod cases;
 pub mod consumers;
 pub mod trace;

@@ -63,6 +63,33 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// Measure relay throughput and commit-to-publish latency on PostgreSQL + JetStream, beside
+    /// the raw JetStream publish rate of the same run.
+    Bench {
+        /// PostgreSQL server to create a scratch database on.
+        #[arg(
+            long,
+            env = "SEAPORT_BENCH_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        admin_database_url: String,
+        #[arg(long, env = "SEAPORT_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Events in the pre-filled outbox (throughput).
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        /// Steady write rate for the latency run, events per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Duration of the latency run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Concurrent writers in the latency run.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the causal tree of events and effects of one correlation id.
     Trace {
         correlation_id: String,
@@ -157,6 +184,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     None => println!("oldest unpublished: none (relay is caught up)"),
                 }
             }
+            Ok(())
+        }
+        Command::Bench {
+            admin_database_url,
+            nats_url,
+            events,
+            rate,
+            seconds,
+            writers,
+            json,
+        } => {
+            let report = seaport_sea::bench::run(seaport_sea::bench::BenchConfig {
+                database_admin_url: admin_database_url,
+                nats_url,
+                events,
+                rate,
+                seconds,
+                writers,
+                json,
+            })
+            .await?;
+            seaport_sea::bench::print(&report, json);
             Ok(())
         }
         Command::Trace { correlation_id, json } => {

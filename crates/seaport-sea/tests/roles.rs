@@ -44,29 +44,63 @@ async fn api_relay_and_worker_roles_scale_separately() {
     }
     // Without relays nothing is published, and nothing is lost either.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(api1.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 11);
+    assert_eq!(
+        api1.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+            .await,
+        11
+    );
     assert_eq!(api1.count("SELECT COUNT(*) FROM consumer_effects").await, 0);
     // The api role serves only health on relay/worker instances, cases on api instances.
     let worker_probe = app::start(with_role(Role::Worker)).await.unwrap();
-    let res = http.get(format!("http://{}/cases", worker_probe.addr)).send().await.unwrap();
+    let res = http
+        .get(format!("http://{}/cases", worker_probe.addr))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 404);
-    assert_eq!(http.get(format!("http://{}/healthz", worker_probe.addr)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("http://{}/healthz", worker_probe.addr))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
-    let relays = [app::start(with_role(Role::Relay)).await.unwrap(), app::start(with_role(Role::Relay)).await.unwrap()];
+    let relays = [
+        app::start(with_role(Role::Relay)).await.unwrap(),
+        app::start(with_role(Role::Relay)).await.unwrap(),
+    ];
     let worker2 = app::start(with_role(Role::Worker)).await.unwrap();
     // 11 cases, each a created event and a notification event, each seen by 3 consumers.
-    wait_for("all effects", async || api1.count("SELECT COUNT(*) FROM seaport_inbox").await == 11 * 2 * 3).await;
+    wait_for("all effects", async || {
+        api1.count("SELECT COUNT(*) FROM seaport_inbox").await == 11 * 2 * 3
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for consumer in FAN_OUT {
-        let n = api1.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", consumer).await;
+        let n = api1
+            .count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", consumer)
+            .await;
         assert_eq!(n, 22, "{consumer} processed every event");
     }
     let dup_effects =
         api1.count("SELECT COUNT(*) FROM (SELECT consumer, event_id FROM consumer_effects GROUP BY consumer, event_id HAVING COUNT(*) > 1) d").await;
     assert_eq!(dup_effects, 0, "no effect recorded twice");
-    assert_eq!(api1.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 0);
+    assert_eq!(
+        api1.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+            .await,
+        0
+    );
     assert_eq!(api1.count("SELECT COUNT(*) FROM cases").await, 11);
-    let trace: Value = http.get(format!("http://{}/trace/scale-corr", api_a.addr)).send().await.unwrap().json().await.unwrap();
+    let trace: Value = http
+        .get(format!("http://{}/trace/scale-corr", api_a.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(trace["events"][0]["consumers"].as_array().unwrap().len(), 3);
 
     for r in [api_a, api_b, worker_probe, worker2] {

@@ -651,11 +651,26 @@ async fn retention_deletes_only_old_published_rows_and_old_inbox_records(kind: K
         interval: Duration::from_secs(60),
     };
     let first = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
-    assert_eq!((first.outbox, first.inbox, first.skipped), (3, 2, false), "bounded batches");
+    assert_eq!(
+        (first.outbox, first.inbox, first.skipped),
+        (3, 2, false),
+        "bounded batches"
+    );
     let second = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
     assert_eq!(second.outbox, 2);
-    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 2, "unpublished rows stay");
-    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await, 2);
-    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_inbox").await, 1, "recent inbox records stay");
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
+        2,
+        "unpublished rows stay"
+    );
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
+        2
+    );
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_inbox").await,
+        1,
+        "recent inbox records stay"
+    );
     f.cleanup().await;
 }

@@ -113,10 +113,14 @@ async fn one_retention_sweeper_at_a_time() {
         .unwrap();
     assert!(got);
     let other = f.another_db().await;
-    let swept = seaport::retention::sweep_once(&other, &Default::default()).await.unwrap();
+    let swept = seaport::retention::sweep_once(&other, &Default::default())
+        .await
+        .unwrap();
     assert!(swept.skipped);
     holder.rollback().await.unwrap();
-    let swept = seaport::retention::sweep_once(&other, &Default::default()).await.unwrap();
+    let swept = seaport::retention::sweep_once(&other, &Default::default())
+        .await
+        .unwrap();
     assert!(!swept.skipped);
     other.close().await;
     f.cleanup().await;

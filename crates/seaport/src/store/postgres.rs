@@ -65,6 +65,7 @@ impl PgStore {
                                 match listener.try_recv().await {
                                     // `None`: the listener reconnected and may have missed some.
                                     Ok(_) => wake(),
+                                    Err(_) if pool.is_closed() => return,
                                     Err(e) => {
                                         tracing::warn!(error = %e, "outbox LISTEN connection failed; reconnecting");
                                         break;

@@ -1,0 +1,284 @@
+//! `seaport bench`: system figures of the scale-out deployment, each beside the raw limit
+//! measured in the same run.
+//!
+//! 1. Relay throughput: a pre-filled outbox of N events relayed to JetStream, against a bare
+//!    async-nats loop publishing the same messages with the same pipelining (the raw limit).
+//! 2. Commit-to-publish latency at a steady rate from concurrent writers: from the moment the
+//!    writer's `COMMIT` returned to the moment the stored message reaches a plain NATS
+//!    subscriber on its subject (JetStream forwards a message to core subscribers once stored).
+//!
+//! It runs against a fresh database `seaport_bench_*` and private streams, removed afterwards.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use seaport::Event;
+use seaport::broker::jetstream::JetStreamBroker;
+use seaport::broker::{Broker, MSG_ID_HEADER};
+use seaport::outbox::Outbox;
+use seaport::outbox::relay::{Relay, RelayConfig};
+use seaport::store::{Db, PgStore};
+use tokio::sync::watch;
+
+pub struct BenchConfig {
+    pub database_admin_url: String,
+    pub nats_url: String,
+    pub events: usize,
+    pub rate: u64,
+    pub seconds: u64,
+    pub writers: usize,
+    pub json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub events: usize,
+    pub raw_publish_per_sec: f64,
+    pub relay_per_sec: f64,
+    pub relay_vs_raw: f64,
+    pub latency_rate_per_sec: u64,
+    pub latency_samples: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+}
+
+/// The pipelining window of both the raw loop and the relay (its batch size).
+const WINDOW: usize = 256;
+
+pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        config.events > 0 && config.rate > 0 && config.seconds > 0 && config.writers > 0,
+        "sizes must be positive"
+    );
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let tag = tag[tag.len() - 10..].to_owned();
+    let db_name = format!("seaport_bench_{tag}");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&config.database_admin_url)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach PostgreSQL at {} (start it: bash scripts/services)",
+                config.database_admin_url
+            )
+        })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+        .execute(&mut admin)
+        .await?;
+    let base = config
+        .database_admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&config.database_admin_url);
+    let result = measure(&config, &format!("{base}/{db_name}"), &tag).await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await;
+    result
+}
+
+async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Result<BenchReport> {
+    let store = PgStore::connect(db_url).await?;
+    let db: Db = store.clone().into();
+    let broker = Arc::new(JetStreamBroker::connect(&config.nats_url).await?);
+    let js = broker.context().clone();
+    let (raw_stream, relay_stream, lat_stream) = (format!("RAW{tag}"), format!("BENCH{tag}"), format!("LAT{tag}"));
+    let (raw_root, relay_root, lat_root) = (format!("raw{tag}"), format!("bench{tag}"), format!("lat{tag}"));
+    for (s, r) in [
+        (&raw_stream, &raw_root),
+        (&relay_stream, &relay_root),
+        (&lat_stream, &lat_root),
+    ] {
+        broker.ensure_stream(s, &[&format!("{r}.>")]).await?;
+    }
+    let outcome = async {
+        let events: Vec<Event> = (0..config.events)
+            .map(|i| {
+                Event::new(
+                    "sea.bench.happened",
+                    "/bench",
+                    serde_json::json!({"n": i, "pad": "x".repeat(160)}),
+                )
+                .with_subject(format!("key-{}", i % 64))
+            })
+            .collect();
+
+        // 1a. The raw limit: bare async-nats, pipelined, same payloads and headers.
+        let started = Instant::now();
+        let mut in_flight = VecDeque::with_capacity(WINDOW);
+        for e in &events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(MSG_ID_HEADER, e.id.as_str());
+            headers.insert("content-type", seaport::event::CLOUDEVENTS_JSON);
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(e.to_json()))
+                .headers(headers);
+            in_flight.push_back(js.send_publish(format!("{raw_root}.bench.happened"), msg).await?);
+            if in_flight.len() >= WINDOW {
+                in_flight.pop_front().expect("non-empty").await?;
+            }
+        }
+        for ack in in_flight {
+            ack.await?;
+        }
+        let raw_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        eprintln!("raw JetStream publish: {raw_rate:.0}/s");
+
+        // 1b. The relay, from a pre-filled outbox.
+        let outbox = Outbox::new();
+        for chunk in events.chunks(1000) {
+            let mut tx = db.begin_write().await?;
+            for e in chunk {
+                outbox
+                    .insert_to(&mut tx, &format!("{relay_root}.bench.happened"), e)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        let mut relay = Relay::new(
+            db.clone(),
+            broker.clone(),
+            RelayConfig {
+                batch_size: WINDOW,
+                ..Default::default()
+            },
+        );
+        let started = Instant::now();
+        let mut published = 0;
+        while published < events.len() {
+            let pass = relay.run_once().await?;
+            anyhow::ensure!(pass.failed == 0, "the broker refused events during the benchmark");
+            if pass.published == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await; // partitions being taken
+            }
+            published += pass.published;
+        }
+        let relay_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        eprintln!("relay: {relay_rate:.0}/s ({:.2}x raw)", relay_rate / raw_rate);
+        drop(relay);
+
+        // 2. Commit-to-publish latency at a steady rate.
+        let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let mut sub = broker.client().subscribe(format!("{lat_root}.>")).await?;
+        let rx = received.clone();
+        let listener = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let now = Instant::now();
+                if let Some(id) = m.headers.as_ref().and_then(|h| h.get(MSG_ID_HEADER)) {
+                    rx.lock().expect("not poisoned").insert(id.as_str().to_owned(), now);
+                }
+            }
+        });
+        let (stop, stopped) = watch::channel(false);
+        let relay = Relay::new(
+            db.clone(),
+            broker.clone(),
+            RelayConfig {
+                batch_size: WINDOW,
+                ..Default::default()
+            },
+        );
+        let relay_task = tokio::spawn(relay.run(stopped));
+        tokio::time::sleep(Duration::from_millis(1500)).await; // partitions taken, relay idle
+        let per_writer = Duration::from_secs_f64(config.writers as f64 / config.rate as f64);
+        let total = (config.rate * config.seconds) as usize;
+        let mut writers = Vec::new();
+        for w in 0..config.writers {
+            let (db, committed, topic) = (db.clone(), committed.clone(), format!("{lat_root}.bench.latency"));
+            let count = total / config.writers + usize::from(w < total % config.writers);
+            writers.push(tokio::spawn(async move {
+                let outbox = Outbox::new();
+                let mut tick = tokio::time::interval(per_writer);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for i in 0..count {
+                    tick.tick().await;
+                    let e = Event::new("sea.bench.latency", "/bench", serde_json::json!({"w": w, "i": i}))
+                        .with_subject(format!("w{w}"));
+                    let mut tx = db.begin_write().await?;
+                    outbox.insert_to(&mut tx, &topic, &e).await?;
+                    tx.commit().await?;
+                    committed.lock().expect("not poisoned").insert(e.id, Instant::now());
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for w in writers {
+            w.await??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while received.lock().expect("not poisoned").len() < total && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(true);
+        let _ = relay_task.await;
+        listener.abort();
+        let (committed, received) = (
+            committed.lock().expect("not poisoned"),
+            received.lock().expect("not poisoned"),
+        );
+        anyhow::ensure!(
+            received.len() >= total,
+            "only {} of {total} events arrived",
+            received.len()
+        );
+        let mut lat: Vec<f64> = committed
+            .iter()
+            .filter_map(|(id, c)| {
+                received
+                    .get(id)
+                    .map(|r| r.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+        Ok(BenchReport {
+            events: events.len(),
+            raw_publish_per_sec: raw_rate,
+            relay_per_sec: relay_rate,
+            relay_vs_raw: relay_rate / raw_rate,
+            latency_rate_per_sec: config.rate,
+            latency_samples: lat.len(),
+            latency_p50_ms: pct(0.50),
+            latency_p99_ms: pct(0.99),
+            latency_max_ms: *lat.last().expect("at least one sample"),
+        })
+    }
+    .await;
+    for s in [&raw_stream, &relay_stream, &lat_stream] {
+        let _ = js.delete_stream(s).await;
+    }
+    store.close().await;
+    outcome
+}
+
+pub fn print(report: &BenchReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).expect("report serialises"));
+        return;
+    }
+    println!("PostgreSQL + NATS JetStream, {} events", report.events);
+    println!(
+        "  raw pipelined JetStream publish : {:>10.0} events/s",
+        report.raw_publish_per_sec
+    );
+    println!(
+        "  outbox relay (pre-filled)       : {:>10.0} events/s  ({:.2}x raw)",
+        report.relay_per_sec, report.relay_vs_raw
+    );
+    println!(
+        "  commit-to-publish at {}/s        : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+        report.latency_rate_per_sec,
+        report.latency_p50_ms,
+        report.latency_p99_ms,
+        report.latency_max_ms,
+        report.latency_samples
+    );
+}
