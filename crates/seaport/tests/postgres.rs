@@ -125,3 +125,67 @@ async fn one_retention_sweeper_at_a_time() {
     other.close().await;
     f.cleanup().await;
 }
+
+/// Third-party clients read what the relay put on JetStream: nats-py pulls from the stream and
+/// the CloudEvents Python SDK parses each message, correlation and causation ids included.
+/// The Python side is `tests/interop/read_cloudevents.py`; `scripts/test` prepares its virtual
+/// environment and sets `SEAPORT_INTEROP_PYTHON`.
+#[tokio::test]
+async fn cloudevents_sdk_and_nats_py_read_the_relayed_events() {
+    let python = std::env::var("SEAPORT_INTEROP_PYTHON").unwrap_or_else(|_| {
+        panic!("SEAPORT_INTEROP_PYTHON is not set: run the suite with `bash scripts/test` (it installs nats-py and cloudevents)")
+    });
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let parent = Event::new(
+        f.subject("cases.created"),
+        "/sea/cases",
+        serde_json::json!({"id": "c-1", "title": "é ✓"}),
+    )
+    .with_subject("c-1")
+    .correlated("corr-interop", Some("req-1".into()));
+    let child = Event::new(
+        f.subject("notifications.queued"),
+        "/sea/notifications",
+        serde_json::json!({"n": 1}),
+    )
+    .with_subject("c-1")
+    .caused_by(&parent);
+    let mut tx = f.db.begin_write().await.unwrap();
+    for e in [&parent, &child] {
+        Outbox::new().insert(&mut tx, e).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    Relay::new(f.db.clone(), f.broker.clone(), RelayConfig::default())
+        .run_once()
+        .await
+        .unwrap();
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/interop/read_cloudevents.py");
+    let out = tokio::process::Command::new(&python)
+        .args([
+            script,
+            &seaport::testing::nats_url(),
+            &f.stream,
+            &format!("{}.>", f.root),
+            "2",
+        ])
+        .output()
+        .await
+        .expect("run the interop script");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python reader failed: {stderr}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["id"], parent.id.as_str());
+    assert_eq!(events[0]["msg_id"], parent.id.as_str());
+    assert_eq!(events[0]["specversion"], "1.0");
+    assert_eq!(events[0]["correlationid"], "corr-interop");
+    assert_eq!(events[0]["causationid"], "req-1");
+    assert_eq!(events[0]["data"]["title"], "é ✓");
+    assert_eq!(events[1]["correlationid"], "corr-interop");
+    assert_eq!(events[1]["causationid"], parent.id.as_str());
+    f.cleanup().await;
+}
