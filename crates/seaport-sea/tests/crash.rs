@@ -1,5 +1,6 @@
 //! Kill the real `seaport` process at the worst moments and check that, after a restart, every
-//! committed case's event reaches each fan-out consumer's effects exactly once.
+//! committed case's event reaches each fan-out consumer's effects exactly once. On both
+//! deployments: embedded, and PostgreSQL + NATS JetStream.
 //!
 //! The process aborts itself (SIGABRT: no destructors, no flush, like `kill -9`) at a named
 //! crash point (`SEAPORT_CRASH_AT`), so the moment is exact rather than a lucky timing.
@@ -7,12 +8,122 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::FAN_OUT;
+use seaport::on_pool;
+use seaport::store::Db;
+use seaport::testing::Kind;
 use serde_json::{Value, json};
+
+/// Where one crash scenario keeps its data.
+struct Deployment {
+    kind: Kind,
+    dir: tempfile::TempDir,
+    database_url: Option<String>,
+    stream: String,
+    root: String,
+}
+
+impl Deployment {
+    async fn new(kind: Kind) -> Self {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let tag = tag[tag.len() - 12..].to_owned();
+        let database_url = match kind {
+            Kind::Embedded => None,
+            Kind::PgJetStream => Some(seaport::testing::fresh_pg_database().await),
+        };
+        Deployment {
+            kind,
+            dir: tempfile::tempdir().unwrap(),
+            database_url,
+            stream: format!("C{tag}"),
+            root: format!("c{tag}"),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--data-dir".to_owned(),
+            self.dir.path().display().to_string(),
+            "--stream".into(),
+            self.stream.clone(),
+            "--subject-root".into(),
+            self.root.clone(),
+        ];
+        if let Some(url) = &self.database_url {
+            a.extend([
+                "--database-url".to_owned(),
+                url.clone(),
+                "--nats-url".into(),
+                seaport::testing::nats_url(),
+            ]);
+        }
+        a
+    }
+
+    async fn db(&self) -> Db {
+        match &self.database_url {
+            Some(url) => Db::open(url).await.unwrap(),
+            None => Db::open(&self.dir.path().join("seaport.db").display().to_string())
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// How many copies of the message with this id the broker holds.
+    async fn broker_copies(&self, db: &Db, msg_id: &str) -> i64 {
+        match self.kind {
+            Kind::Embedded => {
+                on_pool!(db, p => sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = $1")
+                .bind(msg_id)
+                .fetch_one(p)
+                .await
+                .unwrap())
+            }
+            Kind::PgJetStream => {
+                let client = async_nats::connect(seaport::testing::nats_url()).await.unwrap();
+                let js = async_nats::jetstream::new(client);
+                let mut stream = js.get_stream(&self.stream).await.unwrap();
+                let subject = format!("{}.cases.created", self.root);
+                let total = stream.info().await.unwrap().state.messages;
+                if total == 0 {
+                    return 0;
+                }
+                // Count the stored copies of this id among the case events.
+                let mut n = 0;
+                for seq in 1..=stream.info().await.unwrap().state.last_sequence {
+                    if let Ok(m) = stream.get_raw_message(seq).await
+                        && m.subject.as_str() == subject
+                        && m.headers.get(seaport::broker::MSG_ID_HEADER).map(|v| v.as_str()) == Some(msg_id)
+                    {
+                        n += 1;
+                    }
+                }
+                n
+            }
+        }
+    }
+
+    async fn cleanup(self) {
+        if let Some(url) = &self.database_url {
+            if let Ok(client) = async_nats::connect(seaport::testing::nats_url()).await {
+                let _ = async_nats::jetstream::new(client).delete_stream(&self.stream).await;
+            }
+            let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+            if let Ok(mut c) =
+                <sqlx::PgConnection as sqlx::Connection>::connect(&seaport::testing::database_admin_url()).await
+            {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut c)
+                .await;
+            }
+        }
+    }
+}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -30,7 +141,7 @@ impl Drop for Proc {
     }
 }
 
-async fn spawn(dir: &Path, crash_at: Option<&str>) -> Proc {
+async fn spawn(dep: &Deployment, crash_at: Option<&str>) -> Proc {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_seaport"));
     // A short ack wait so that the delivery the dead process held comes back quickly.
@@ -40,9 +151,8 @@ async fn spawn(dir: &Path, crash_at: Option<&str>) -> Proc {
         "2",
         "--listen",
         &format!("127.0.0.1:{port}"),
-        "--data-dir",
     ])
-    .arg(dir)
+    .args(dep.args())
     .env("SEAPORT_LOG", "warn")
     .stdout(Stdio::null())
     .stderr(Stdio::inherit());
@@ -81,26 +191,24 @@ async fn wait_exit(proc: &mut Proc) -> std::process::ExitStatus {
     }
 }
 
-async fn db(dir: &Path) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("seaport.db").display()))
-        .await
-        .unwrap()
-}
-
-async fn effects_of(pool: &sqlx::SqlitePool, event_id: &str) -> Vec<(String, i64)> {
-    sqlx::query_as(
+async fn effects_of(db: &Db, event_id: &str) -> Vec<(String, i64)> {
+    on_pool!(db, p => sqlx::query_as(
         "SELECT consumer, COUNT(*) FROM consumer_effects WHERE event_id = $1 GROUP BY consumer ORDER BY consumer",
     )
     .bind(event_id)
-    .fetch_all(pool)
+    .fetch_all(p)
     .await
-    .unwrap()
+    .unwrap())
+}
+
+async fn scalar(db: &Db, sql: &'static str, arg: &str) -> i64 {
+    on_pool!(db, p => sqlx::query_scalar(sql).bind(arg).fetch_one(p).await.unwrap())
 }
 
 /// Create a case, let the process die at `point`, restart it, and check exactly-once effects.
-async fn survive(point: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut first = spawn(dir.path(), Some(point)).await;
+async fn survive(point: &str, kind: Kind) {
+    let dep = Deployment::new(kind).await;
+    let mut first = spawn(&dep, Some(point)).await;
     let http = reqwest::Client::new();
     let res = http
         .post(format!("{}/cases", first.base))
@@ -116,71 +224,62 @@ async fn survive(point: &str) {
     assert!(!status.success(), "aborted at {point}: {status}");
     drop(first);
 
-    let pool = db(dir.path()).await;
-    let event_id: String = sqlx::query_scalar(
-        "SELECT event_id FROM seaport_outbox WHERE topic = 'sea.cases.created' AND ordering_key = $1",
+    let db = dep.db().await;
+    let event_id: String = on_pool!(&db, p => sqlx::query_scalar(
+        "SELECT event_id FROM seaport_outbox WHERE topic LIKE '%.cases.created' AND ordering_key = $1",
     )
     .bind(case["id"].as_str().unwrap())
-    .fetch_one(&pool)
+    .fetch_one(p)
     .await
-    .expect("the acknowledged case's event is in the outbox");
+    .expect("the acknowledged case's event is in the outbox"));
 
     // The crash really happened at the worst moment for this point.
-    let in_broker: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = $1")
-        .bind(&event_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let marked: Option<i64> = sqlx::query_scalar("SELECT published_at FROM seaport_outbox WHERE event_id = $1")
-        .bind(&event_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let in_inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_inbox WHERE message_id = $1")
-        .bind(&event_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let in_broker = dep.broker_copies(&db, &event_id).await;
+    let marked = scalar(
+        &db,
+        "SELECT COUNT(*) FROM seaport_outbox WHERE event_id = $1 AND published_at IS NOT NULL",
+        &event_id,
+    )
+    .await;
+    let in_inbox = scalar(
+        &db,
+        "SELECT COUNT(*) FROM seaport_inbox WHERE message_id = $1",
+        &event_id,
+    )
+    .await;
     match point {
-        "relay.before_publish" => assert_eq!((in_broker, marked.is_some(), in_inbox), (0, false, 0)),
-        "relay.after_publish" => assert_eq!((in_broker, marked.is_some(), in_inbox), (1, false, 0)),
-        "consumer.after_commit" => assert_eq!((in_broker, marked.is_some(), in_inbox), (1, true, 1)),
+        "relay.before_publish" => assert_eq!((in_broker, marked, in_inbox), (0, 0, 0)),
+        "relay.after_publish" => assert_eq!((in_broker, marked, in_inbox), (1, 0, 0)),
+        "consumer.after_commit" => assert_eq!((in_broker, marked, in_inbox), (1, 1, 1)),
         other => panic!("unknown point {other}"),
     }
 
-    let second = spawn(dir.path(), None).await;
+    let second = spawn(&dep, None).await;
     let want: Vec<(String, i64)> = FAN_OUT.iter().map(|c| (c.to_string(), 1)).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while effects_of(&pool, &event_id).await != want {
+    while effects_of(&db, &event_id).await != want {
         assert!(
             Instant::now() < deadline,
             "after restart: effects {:?}",
-            effects_of(&pool, &event_id).await
+            effects_of(&db, &event_id).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let any wrong redelivery arrive, then look again: still exactly once each, and settled.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        effects_of(&pool, &event_id).await,
+        effects_of(&db, &event_id).await,
         want,
         "exactly one effect per consumer"
     );
-    let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = $1")
-        .bind(&event_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(copies, 1, "the broker kept one copy of the event");
-    let unpublished: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        dep.broker_copies(&db, &event_id).await,
+        1,
+        "the broker kept one copy of the event"
+    );
+    let unpublished: i64 = on_pool!(&db, p => sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").fetch_one(p).await.unwrap());
     assert_eq!(unpublished, 0);
-    let cases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cases")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let cases: i64 = on_pool!(&db, p => sqlx::query_scalar("SELECT COUNT(*) FROM cases").fetch_one(p).await.unwrap());
     assert_eq!(cases, 1);
     // A client retry after the crash replays; it does not create a second case.
     let retry = http
@@ -192,19 +291,25 @@ async fn survive(point: &str) {
         .unwrap();
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.json::<Value>().await.unwrap()["id"], case["id"]);
+    drop(second);
+    db.close().await;
+    dep.cleanup().await;
 }
 
-#[tokio::test]
-async fn crash_between_commit_and_publish() {
-    survive("relay.before_publish").await;
+async fn crash_between_commit_and_publish(kind: Kind) {
+    survive("relay.before_publish", kind).await;
 }
 
-#[tokio::test]
-async fn crash_after_publish_before_marking_published() {
-    survive("relay.after_publish").await;
+async fn crash_after_publish_before_marking_published(kind: Kind) {
+    survive("relay.after_publish", kind).await;
 }
 
-#[tokio::test]
-async fn crash_after_consumer_commit_before_ack() {
-    survive("consumer.after_commit").await;
+async fn crash_after_consumer_commit_before_ack(kind: Kind) {
+    survive("consumer.after_commit", kind).await;
 }
+
+on_both_backends!(
+    crash_between_commit_and_publish,
+    crash_after_publish_before_marking_published,
+    crash_after_consumer_commit_before_ack,
+);
