@@ -265,7 +265,9 @@ async fn survive(point: &str, kind: Kind) {
     match point {
         "relay.before_publish" => assert_eq!((in_broker, marked, in_inbox), (0, 0, 0)),
         "relay.after_publish" => assert_eq!((in_broker, marked, in_inbox), (1, 0, 0)),
-        "consumer.after_commit" => assert_eq!((in_broker, marked, in_inbox), (1, 1, 1)),
+        // At least one consumer committed its effect and died before acking (on PostgreSQL
+        // others may have committed concurrently, and the relay may not have marked yet).
+        "consumer.after_commit" => assert!(in_broker == 1 && in_inbox >= 1, "{in_broker} {marked} {in_inbox}"),
         other => panic!("unknown point {other}"),
     }
 
