@@ -111,3 +111,57 @@ async fn api_relay_and_worker_roles_scale_separately() {
     }
     api1.stop().await;
 }
+
+/// SQLite + NATS JetStream is a valid combination too (one machine, real broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_with_jetstream_works_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let tag = &tag[tag.len() - 12..];
+    let mut config = app::Config::embedded(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.nats_url = Some(seaport::testing::nats_url());
+    config.stream = format!("Q{tag}");
+    config.topics = app::Topics {
+        root: format!("q{tag}"),
+    };
+    let running = app::start(config.clone()).await.unwrap();
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("http://{}/cases", running.addr))
+        .header("Idempotency-Key", "sj-1")
+        .header("X-Correlation-Id", "sqlite-js")
+        .json(&json!({"title": "t", "customer_id": "c"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    wait_for("the trace on SQLite + JetStream", async || {
+        let r = http
+            .get(format!("http://{}/trace/sqlite-js", running.addr))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 200 {
+            return false;
+        }
+        let t: Value = r.json().await.unwrap();
+        t["events"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2 && e.iter().all(|e| e["consumers"].as_array().unwrap().len() == 3))
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    let client = async_nats::connect(seaport::testing::nats_url()).await.unwrap();
+    let _ = async_nats::jetstream::new(client).delete_stream(&config.stream).await;
+}
+
+/// PostgreSQL without a NATS URL is refused with a message that says what to do.
+#[tokio::test]
+async fn postgres_without_nats_is_refused_clearly() {
+    let mut config = app::Config::embedded(tempfile::tempdir().unwrap().path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.database_url = Some(seaport::testing::fresh_pg_database().await);
+    let err = app::start(config).await.err().expect("refused");
+    assert!(format!("{err:#}").contains("--nats-url"), "{err:#}");
+}

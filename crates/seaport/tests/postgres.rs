@@ -189,3 +189,41 @@ async fn cloudevents_sdk_and_nats_py_read_the_relayed_events() {
     assert_eq!(events[1]["causationid"], parent.id.as_str());
     f.cleanup().await;
 }
+
+/// A notification can be lost (listener reconnecting, NOTIFY dropped): the poll fallback still
+/// publishes the row. Simulated by disabling the NOTIFY trigger on this test's database.
+#[tokio::test]
+async fn poll_fallback_publishes_when_notifications_are_lost() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    sqlx::query("ALTER TABLE seaport_outbox DISABLE TRIGGER seaport_outbox_notify")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let relay = Relay::new(
+        f.db.clone(),
+        f.broker.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(relay.run(stopped));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = Event::new(f.subject("x.quiet"), "/t", serde_json::json!({})).with_subject("k");
+    let mut tx = pg.begin_write().await.unwrap();
+    Outbox::new().insert(&mut tx, &e).await.unwrap();
+    tx.commit().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while published(&f).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll fallback did not publish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    f.cleanup().await;
+}
