@@ -176,7 +176,7 @@ pub fn router(state: AppState, role: Role) -> Router {
     let mut router = Router::new().route("/healthz", get(healthz));
     if role.api() {
         router = router
-            .merge(crate::cases::routes::router())
+            .merge(crate::cases::routes::router(&state))
             .route("/trace/{correlation_id}", get(crate::trace::route));
     }
     router

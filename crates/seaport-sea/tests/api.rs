@@ -181,19 +181,37 @@ async fn concurrent_retries_with_one_key_create_one_case(kind: Kind) {
                 .send()
                 .await
                 .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap()["id"].clone())
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").is_some();
+            (status, retry_after, r.json::<Value>().await.unwrap())
         }));
     }
     let mut ids = Vec::new();
     for h in handles {
-        let (status, id) = h.await.unwrap();
-        assert_eq!(status, 201);
-        ids.push(id);
+        match h.await.unwrap() {
+            (201, _, case) => ids.push(case["id"].clone()),
+            (409, retry_after, problem) => {
+                assert!(retry_after, "409 says when to retry");
+                assert_eq!(problem["type"], "/problems/idempotency-key-in-flight");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
+    assert!(!ids.is_empty());
     ids.dedup();
-    assert_eq!(ids.len(), 1, "every retry got the same case");
-    let cases = s.count("SELECT COUNT(*) FROM cases").await;
-    assert_eq!(cases, 1);
+    assert_eq!(ids.len(), 1, "every 201 (original or replay) is the same case");
+    assert_eq!(s.count("SELECT COUNT(*) FROM cases").await, 1);
+    // After the first completed, a retry replays.
+    let again = s
+        .http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", "same")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], ids[0]);
     s.stop().await;
 }
 

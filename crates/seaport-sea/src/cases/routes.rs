@@ -3,37 +3,26 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::{HeaderMap, StatusCode, header};
 use seaport::Event;
-use seaport::http::idempotency::{self, IdempotencyKey, Lookup, StoredResponse};
 use seaport::http::pagination::{Page, PageRequest};
 use seaport::http::problem::parse_json;
 use seaport::http::{Correlation, Problem};
+use seaport::http::{IdempotencyLayer, IdempotentTx};
 
 use super::domain::CreateCaseRequest;
 use super::{CASE_CREATED, SOURCE, repo};
 use crate::app::AppState;
 
-pub fn router() -> Router<AppState> {
+pub fn router(app: &AppState) -> Router<AppState> {
+    // Only POST is idempotency-protected; keys are scoped by `X-Client-Id` (no authentication yet).
+    let idempotency = IdempotencyLayer::new(app.store.clone()).retention(app.idempotency_retention);
     Router::new()
-        .route("/cases", get(list_cases).post(create_case))
+        .route("/cases", get(list_cases).merge(post(create_case).layer(idempotency)))
         .route("/cases/{id}", get(get_case))
-}
-
-/// The caller an idempotency key belongs to: `X-Client-Id` if given and well-formed. Until
-/// authentication exists this is the only notion of a caller; keys of different clients never
-/// meet.
-fn caller_scope(headers: &HeaderMap) -> String {
-    headers
-        .get("x-client-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| seaport::http::correlation::valid_id(v))
-        .map(|v| format!("client:{v}"))
-        .unwrap_or_else(|| "anonymous".to_owned())
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
@@ -53,33 +42,19 @@ fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
     }
 }
 
-/// Open a case. One transaction writes the case, its `sea.cases.created` event (outbox) and the
-/// stored response for the idempotency key; a repeat with the same key replays that response.
+/// Open a case. Behind the Idempotency-Key layer: the case, its `sea.cases.created` event
+/// (outbox) and the stored response commit in one transaction; a repeat replays the response.
 async fn create_case(
     State(app): State<AppState>,
     corr: Correlation,
+    idempotent: IdempotentTx,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
 ) -> Result<Response, Problem> {
-    let key = IdempotencyKey::required(&headers)?;
-    let body = body.map_err(|r| Problem::new(r.status(), r.body_text()))?;
     require_json(&headers)?;
     let new_case = parse_json::<CreateCaseRequest>(&body)?.validate()?;
-    let scope = caller_scope(&headers);
-    let fingerprint = idempotency::fingerprint("POST", "/cases", &body);
-
-    let mut tx = app.store.begin_write().await?;
-    match idempotency::begin(&mut tx, &scope, &key, &fingerprint, app.idempotency_retention).await? {
-        Lookup::Replay(stored) => return Ok(stored.replay()),
-        Lookup::Mismatch => {
-            return Err(
-                Problem::unprocessable("this idempotency key was already used for a different request")
-                    .with_type("/problems/idempotency-key-reused", "Idempotency key reused"),
-            );
-        }
-        Lookup::New => {}
-    }
-    let case = repo::insert(&mut tx, new_case, &corr.correlation_id).await?;
+    let mut tx = idempotent.get().await?;
+    let case = repo::insert(&mut *tx, new_case, &corr.correlation_id).await?;
     let event = Event::new(
         CASE_CREATED,
         SOURCE,
@@ -88,21 +63,10 @@ async fn create_case(
     .with_subject(&case.id)
     .correlated(&corr.correlation_id, Some(corr.request_id.clone()));
     app.outbox
-        .insert_to(&mut tx, &app.topics.topic(CASE_CREATED), &event)
+        .insert_to(&mut *tx, &app.topics.topic(CASE_CREATED), &event)
         .await?;
-    let stored = StoredResponse {
-        status: StatusCode::CREATED.as_u16(),
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            ("location".into(), format!("/cases/{}", case.id)),
-        ],
-        body: serde_json::to_vec(&case).expect("case serialises"),
-    };
-    idempotency::complete(&mut tx, &scope, &key, &stored).await?;
-    tx.commit().await?;
-    let mut res = stored.replay();
-    res.headers_mut().remove(idempotency::IDEMPOTENT_REPLAYED);
-    Ok(res)
+    let location = format!("/cases/{}", case.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(case)).into_response())
 }
 
 async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, Problem> {

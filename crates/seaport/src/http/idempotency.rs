@@ -15,7 +15,8 @@ use sqlx::Row;
 
 use super::problem::Problem;
 use crate::on_conn;
-use crate::store::{Conn, now_ms};
+use crate::store::{Conn, Db, now_ms};
+use std::time::Duration;
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
@@ -25,7 +26,10 @@ pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 pub const MAX_KEY_LEN: usize = 255;
 
 /// Default retention of stored responses.
-pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a claimed key stays "in flight" before a crashed request's claim may be taken over.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// A validated idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,43 +144,74 @@ impl StoredResponse {
     }
 }
 
-/// What the store knows about a key.
+/// The outcome of claiming a key before running the handler.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Lookup {
-    /// Unknown (or expired): the key is now claimed by this transaction; do the work, then
-    /// [`complete`] in the same transaction.
-    New,
+pub enum Claim {
+    /// The key is ours (new, expired, or abandoned by a crashed request): run the handler, then
+    /// [`complete`] in the handler's transaction. The token proves ownership.
+    Claimed(String),
     /// Completed before with the same request: replay this.
     Replay(StoredResponse),
-    /// Used before for a different request.
+    /// Used before for a different request (422).
     Mismatch,
+    /// The first request with this key is still running (409).
+    InFlight,
 }
 
-/// Look the key up and, if it is new, claim it, inside the transaction that will do the work.
+/// Claim `key` for this request, in its own short transaction, so that a concurrent request
+/// with the same key sees the claim at once (409) instead of waiting or racing.
 ///
-/// The claim is a row insert: on PostgreSQL a concurrent request with the same key blocks on it
-/// until this transaction ends, then replays what it stored; if this transaction rolls back
-/// (handler failure), the key is free again. On SQLite writers are serialised anyway.
-pub async fn begin<'c>(
-    tx: impl Into<Conn<'c>>,
+/// A claim not completed within `lease` (the request crashed) may be taken over. Expired keys
+/// (older than their retention) no longer count.
+pub async fn claim(
+    db: &Db,
     scope: &str,
     key: &IdempotencyKey,
     fingerprint: &str,
-    retention: std::time::Duration,
-) -> Result<Lookup, sqlx::Error> {
+    retention: Duration,
+    lease: Duration,
+) -> Result<Claim, sqlx::Error> {
     let now = now_ms();
-    let expires = now + retention.as_millis() as i64;
-    on_conn!(tx, c => {
-        // An expired entry no longer counts.
+    // Read first, without the write lock: replays, mismatches and in-flight keys are answered
+    // without queueing behind writers (on SQLite, behind the very request that holds the key).
+    let existing: Option<(String, i64, String, Vec<u8>, i64, i64)> = crate::on_pool!(db, p => sqlx::query_as(
+        "SELECT fingerprint, status, headers, body, locked_until, expires_at FROM seaport_idempotency_keys
+         WHERE scope = $1 AND key = $2",
+    )
+    .bind(scope)
+    .bind(key.as_str())
+    .fetch_optional(p)
+    .await?);
+    if let Some((fp, status, headers, body, locked_until, expires_at)) = existing
+        && expires_at > now
+    {
+        if fp != fingerprint {
+            return Ok(Claim::Mismatch);
+        }
+        if status != 0 {
+            return Ok(Claim::Replay(StoredResponse {
+                status: status as u16,
+                headers: serde_json::from_str(&headers).unwrap_or_default(),
+                body,
+            }));
+        }
+        if locked_until > now {
+            return Ok(Claim::InFlight);
+        }
+    }
+    let token = uuid::Uuid::now_v7().to_string();
+    let mut tx = db.begin_write().await?;
+    let outcome = on_conn!(&mut tx, c => {
         sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3")
             .bind(scope)
             .bind(key.as_str())
             .bind(now)
             .execute(&mut *c)
             .await?;
-        let claimed = sqlx::query(
-            "INSERT INTO seaport_idempotency_keys (scope, key, fingerprint, status, headers, body, created_at, expires_at)
-             VALUES ($1, $2, $3, 0, '[]', $4, $5, $6)
+        let inserted = sqlx::query(
+            "INSERT INTO seaport_idempotency_keys
+                (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
+             VALUES ($1, $2, $3, 0, '[]', $4, $5, $6, $7, $8)
              ON CONFLICT (scope, key) DO NOTHING",
         )
         .bind(scope)
@@ -184,50 +219,93 @@ pub async fn begin<'c>(
         .bind(fingerprint)
         .bind(Vec::<u8>::new())
         .bind(now)
-        .bind(expires)
+        .bind(now + retention.as_millis() as i64)
+        .bind(&token)
+        .bind(now + lease.as_millis() as i64)
         .execute(&mut *c)
         .await?
         .rows_affected();
-        if claimed == 1 {
-            return Ok(Lookup::New);
-        }
-        let r = sqlx::query("SELECT fingerprint, status, headers, body FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2")
+        if inserted == 1 {
+            Claim::Claimed(token.clone())
+        } else {
+            let r = sqlx::query(
+                "SELECT fingerprint, status, headers, body, token, locked_until FROM seaport_idempotency_keys
+                 WHERE scope = $1 AND key = $2",
+            )
             .bind(scope)
             .bind(key.as_str())
             .fetch_one(&mut *c)
             .await?;
-        Ok(if r.get::<String, _>(0) != fingerprint {
-            Lookup::Mismatch
-        } else {
-            Lookup::Replay(StoredResponse {
-                status: r.get::<i64, _>(1) as u16,
-                headers: serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default(),
-                body: r.get(3),
-            })
-        })
-    })
+            let (status, old_token, locked_until): (i64, String, i64) = (r.get(1), r.get(4), r.get(5));
+            if r.get::<String, _>(0) != fingerprint {
+                Claim::Mismatch
+            } else if status != 0 {
+                Claim::Replay(StoredResponse {
+                    status: status as u16,
+                    headers: serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default(),
+                    body: r.get(3),
+                })
+            } else if locked_until > now {
+                Claim::InFlight
+            } else {
+                // Abandoned by a request that never finished: take it over.
+                let took = sqlx::query(
+                    "UPDATE seaport_idempotency_keys SET token = $1, locked_until = $2
+                     WHERE scope = $3 AND key = $4 AND token = $5 AND status = 0",
+                )
+                .bind(&token)
+                .bind(now + lease.as_millis() as i64)
+                .bind(scope)
+                .bind(key.as_str())
+                .bind(&old_token)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                if took == 1 { Claim::Claimed(token.clone()) } else { Claim::InFlight }
+            }
+        }
+    });
+    tx.commit().await?;
+    Ok(outcome)
 }
 
-/// Store the response for a key claimed by [`begin`], in the same transaction.
+/// Store the response of a claimed key, in the handler's transaction. Returns `false` if the
+/// claim was lost meanwhile (taken over after its lease); the caller must then roll back.
 pub async fn complete<'c>(
     tx: impl Into<Conn<'c>>,
     scope: &str,
     key: &IdempotencyKey,
+    token: &str,
     response: &StoredResponse,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let headers = serde_json::to_string(&response.headers).expect("strings serialise");
-    on_conn!(tx, c => sqlx::query(
-        "UPDATE seaport_idempotency_keys SET status = $1, headers = $2, body = $3 WHERE scope = $4 AND key = $5",
+    let n = on_conn!(tx, c => sqlx::query(
+        "UPDATE seaport_idempotency_keys SET status = $1, headers = $2, body = $3, locked_until = 0
+         WHERE scope = $4 AND key = $5 AND token = $6 AND status = 0",
     )
     .bind(response.status as i64)
     .bind(&headers)
     .bind(&response.body)
     .bind(scope)
     .bind(key.as_str())
+    .bind(token)
     .execute(c)
-    .await
-    .map(|_| ()))?;
-    Ok(())
+    .await?
+    .rows_affected());
+    Ok(n == 1)
+}
+
+/// Give a claimed key back (the handler failed), so the client can retry with it.
+pub async fn release(db: &Db, scope: &str, key: &IdempotencyKey, token: &str) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    on_conn!(&mut tx, c => sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND token = $3 AND status = 0")
+        .bind(scope)
+        .bind(key.as_str())
+        .bind(token)
+        .execute(c)
+        .await
+        .map(|_| ()))?;
+    tx.commit().await
 }
 
 #[cfg(test)]

@@ -3,8 +3,10 @@
 
 pub mod correlation;
 pub mod idempotency;
+pub mod idempotency_layer;
 pub mod pagination;
 pub mod problem;
 
 pub use correlation::{Correlation, CorrelationLayer};
+pub use idempotency_layer::{IdempotencyLayer, IdempotentTx};
 pub use problem::Problem;

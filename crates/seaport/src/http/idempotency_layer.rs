@@ -1,0 +1,318 @@
+//! The Idempotency-Key layer: claim the key, run the handler with a transaction it writes in,
+//! store the response in that same transaction, commit; replay, refuse or release otherwise.
+//!
+//! ```ignore
+//! Router::new().route("/cases", post(create_case).layer(IdempotencyLayer::new(db.clone())));
+//!
+//! async fn create_case(tx: IdempotentTx, Json(body): Json<NewCase>) -> Result<impl IntoResponse, Problem> {
+//!     let mut tx = tx.get().await?;                     // the layer commits it, with the response
+//!     sqlx::query("INSERT ...").execute(...)            // via seaport::on_conn!(&mut *tx, c => ...)
+//! }
+//! ```
+//!
+//! Statuses: missing key on a route that requires one or a malformed key → 400; same key, other
+//! request → 422; same key while the first request runs → 409 (with `Retry-After`); completed →
+//! the stored status, headers and body with `Idempotent-Replayed: true`. Only successful (2xx)
+//! outcomes are stored; any other response rolls the handler's transaction back and releases the
+//! key, so the client can correct the request or retry it under the same key.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::{HeaderValue, Request, StatusCode};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tower::{Layer, Service};
+
+use super::idempotency::{
+    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, StoredResponse, claim, complete, fingerprint, release,
+};
+use super::problem::Problem;
+use crate::store::{Db, Tx};
+
+/// Who a key belongs to. The default reads `X-Client-Id` (well-formed, else `anonymous`);
+/// services with authentication should scope by the authenticated principal.
+pub type ScopeFn = Arc<dyn Fn(&Parts) -> String + Send + Sync>;
+
+/// The default scope: `client:<X-Client-Id>` or `anonymous`.
+pub fn client_id_scope(parts: &Parts) -> String {
+    parts
+        .headers
+        .get("x-client-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| super::correlation::valid_id(v))
+        .map(|v| format!("client:{v}"))
+        .unwrap_or_else(|| "anonymous".to_owned())
+}
+
+/// Response headers that describe one exchange, not the resource: never stored or replayed.
+const NOT_STORED: &[&str] = &[
+    "date",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "set-cookie",
+    "x-correlation-id",
+    "x-request-id",
+    "traceparent",
+];
+
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    db: Db,
+    retention: Duration,
+    lease: Duration,
+    required: bool,
+    body_limit: usize,
+    scope: ScopeFn,
+}
+
+impl IdempotencyLayer {
+    /// A layer that requires a key, keeps responses 24 h, and scopes keys by `X-Client-Id`.
+    pub fn new(db: impl Into<Db>) -> Self {
+        IdempotencyLayer {
+            db: db.into(),
+            retention: DEFAULT_RETENTION,
+            lease: DEFAULT_LEASE,
+            required: true,
+            body_limit: 2 << 20,
+            scope: Arc::new(client_id_scope),
+        }
+    }
+
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How long an unfinished claim blocks the key before it may be taken over.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Requests without a key pass through unprotected instead of getting 400.
+    pub fn optional(mut self) -> Self {
+        self.required = false;
+        self
+    }
+
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    pub fn scope(mut self, scope: impl Fn(&Parts) -> String + Send + Sync + 'static) -> Self {
+        self.scope = Arc::new(scope);
+        self
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService {
+            inner,
+            config: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    config: IdempotencyLayer,
+}
+
+/// The transaction a handler behind [`IdempotencyLayer`] writes in. Begun on first use; the
+/// layer stores the response in it and commits (or rolls back on failure). Do not commit it.
+#[derive(Clone)]
+pub struct IdempotentTx {
+    slot: Arc<Mutex<Option<Tx>>>,
+    db: Db,
+}
+
+impl IdempotentTx {
+    fn new(db: Db) -> Self {
+        IdempotentTx {
+            slot: Arc::new(Mutex::new(None)),
+            db,
+        }
+    }
+
+    /// The transaction (begun now if it was not yet).
+    pub async fn get(&self) -> Result<MappedMutexGuard<'_, Tx>, sqlx::Error> {
+        let mut guard = self.slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.db.begin_write().await?);
+        }
+        Ok(MutexGuard::map(guard, |t| t.as_mut().expect("set above")))
+    }
+
+    async fn take(&self) -> Option<Tx> {
+        self.slot.lock().await.take()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotentTx {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<IdempotentTx>()
+            .cloned()
+            .ok_or_else(|| Problem::internal("IdempotentTx used on a route without IdempotencyLayer"))
+    }
+}
+
+impl<S> Service<Request<Body>> for IdempotencyService<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The clone that was polled ready runs this request (tower's usual dance).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        Box::pin(async move { Ok(handle(inner, config, req).await) })
+    }
+}
+
+async fn handle<S>(mut inner: S, config: IdempotencyLayer, req: Request<Body>) -> Response
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible>,
+{
+    let (parts, body) = req.into_parts();
+    let key = match IdempotencyKey::from_headers(&parts.headers) {
+        Err(problem) => return problem.into_response(),
+        Ok(Some(key)) => key,
+        Ok(None) if !config.required => {
+            return match inner.call(Request::from_parts(parts, body)).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+        }
+        Ok(None) => return IdempotencyKey::required(&parts.headers).unwrap_err().into_response(),
+    };
+    let bytes = match to_bytes(body, config.body_limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes", config.body_limit),
+            )
+            .into_response();
+        }
+    };
+    let scope = (config.scope)(&parts);
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let fp = fingerprint(parts.method.as_str(), target, &bytes);
+    let token = match claim(&config.db, &scope, &key, &fp, config.retention, config.lease).await {
+        Err(e) => return Problem::internal(e).into_response(),
+        Ok(Claim::Replay(stored)) => return stored.replay(),
+        Ok(Claim::Mismatch) => {
+            return Problem::unprocessable("this idempotency key was already used for a different request")
+                .with_type("/problems/idempotency-key-reused", "Idempotency key reused")
+                .into_response();
+        }
+        Ok(Claim::InFlight) => {
+            let mut res = Problem::new(
+                StatusCode::CONFLICT,
+                "a request with this idempotency key is still being processed",
+            )
+            .with_type("/problems/idempotency-key-in-flight", "Idempotency key in use")
+            .into_response();
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return res;
+        }
+        Ok(Claim::Claimed(token)) => token,
+    };
+
+    let tx = IdempotentTx::new(config.db.clone());
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(tx.clone());
+    let res = match inner.call(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let open = tx.take().await;
+    let give_back = async |open: Option<Tx>| {
+        if let Some(t) = open {
+            let _ = t.rollback().await;
+        }
+        if let Err(e) = release(&config.db, &scope, &key, &token).await {
+            tracing::warn!(error = %e, "could not release an idempotency key; it frees itself after its lease");
+        }
+    };
+    if !res.status().is_success() {
+        give_back(open).await;
+        return res;
+    }
+    let (res_parts, res_body) = res.into_parts();
+    let body = match to_bytes(res_body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            give_back(open).await;
+            return Problem::internal(e).into_response();
+        }
+    };
+    let stored = StoredResponse {
+        status: res_parts.status.as_u16(),
+        headers: res_parts
+            .headers
+            .iter()
+            .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
+            .collect(),
+        body: body.to_vec(),
+    };
+    let mut t = match open {
+        Some(t) => t,
+        None => match config.db.begin_write().await {
+            Ok(t) => t,
+            Err(e) => {
+                give_back(None).await;
+                return Problem::internal(e).into_response();
+            }
+        },
+    };
+    match complete(&mut t, &scope, &key, &token, &stored).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = t.rollback().await;
+            return Problem::new(
+                StatusCode::CONFLICT,
+                "the idempotency key was taken over while this request ran; retry it",
+            )
+            .with_type("/problems/idempotency-key-in-flight", "Idempotency key in use")
+            .into_response();
+        }
+        Err(e) => {
+            give_back(Some(t)).await;
+            return Problem::internal(e).into_response();
+        }
+    }
+    if let Err(e) = t.commit().await {
+        give_back(None).await;
+        return Problem::internal(e).into_response();
+    }
+    Response::from_parts(res_parts, Body::from(body))
+}
