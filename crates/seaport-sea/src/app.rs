@@ -18,6 +18,7 @@ use seaport::broker::embedded::EmbeddedBroker;
 use seaport::broker::jetstream::JetStreamBroker;
 use seaport::broker::{Broker, ConsumerConfig};
 use seaport::consumer::{ConsumerRunner, Handler, RunnerConfig};
+use seaport::http::cursor::CursorCodec;
 use seaport::http::{CorrelationLayer, Problem};
 use seaport::on_pool;
 use seaport::outbox::Outbox;
@@ -152,6 +153,8 @@ pub struct AppState {
     pub outbox: Outbox,
     pub topics: Topics,
     pub idempotency_retention: Duration,
+    /// Signs and checks pagination cursors (key shared through the database).
+    pub cursors: CursorCodec,
 }
 
 /// Open the database (creating a SQLite file if needed), apply Seaport's and the service's
@@ -308,6 +311,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         outbox: Outbox::new(),
         topics: config.topics.clone(),
         idempotency_retention: config.idempotency_retention,
+        cursors: CursorCodec::from_db(&store)
+            .await
+            .context("cannot load the cursor key")?,
     };
     let app = router(state, config.role);
     let mut r = stopped.clone();

@@ -13,6 +13,8 @@ on_both_backends!(
     bad_requests_get_problem_details,
     pagination_edges,
     invalid_correlation_ids_are_replaced_not_echoed,
+    empty_collection_and_link_headers,
+    cursor_paging_is_stable_under_inserts_and_tamper_evident,
 );
 
 async fn post_case(s: &TestService, key: &str, body: &Value) -> reqwest::Response {
@@ -386,5 +388,108 @@ async fn invalid_correlation_ids_are_replaced_not_echoed(kind: Kind) {
         .await
         .unwrap();
     assert_eq!(health["status"], "ok");
+    s.stop().await;
+}
+
+async fn empty_collection_and_link_headers(kind: Kind) {
+    let s = TestService::start_on(kind).await;
+    let res = s.http.get(s.url("/cases")).send().await.unwrap();
+    assert_eq!(
+        res.headers()["link"],
+        "</cases?page=1&limit=20>; rel=\"first\", </cases?page=1&limit=20>; rel=\"last\""
+    );
+    let empty: Value = res.json().await.unwrap();
+    assert_eq!(
+        empty,
+        json!({"data": [], "pagination": {"page": 1, "limit": 20, "total": 0, "totalPages": 0}})
+    );
+    for i in 0..5 {
+        assert_eq!(
+            post_case(
+                &s,
+                &format!("l{i}"),
+                &json!({"title": format!("c{i}"), "customer_id": "c"})
+            )
+            .await
+            .status(),
+            201
+        );
+    }
+    let res = s.http.get(s.url("/cases?page=2&limit=2")).send().await.unwrap();
+    assert_eq!(
+        res.headers()["link"],
+        "</cases?page=1&limit=2>; rel=\"first\", </cases?page=1&limit=2>; rel=\"prev\", </cases?page=3&limit=2>; rel=\"next\", </cases?page=3&limit=2>; rel=\"last\""
+    );
+    let last = s.http.get(s.url("/cases?page=3&limit=2")).send().await.unwrap();
+    assert!(
+        !last.headers()["link"].to_str().unwrap().contains("rel=\"next\""),
+        "no next on the last page"
+    );
+    let last: Value = last.json().await.unwrap();
+    assert_eq!(last["data"].as_array().unwrap().len(), 1);
+    s.stop().await;
+}
+
+async fn cursor_paging_is_stable_under_inserts_and_tamper_evident(kind: Kind) {
+    let s = TestService::start_on(kind).await;
+    for i in 0..7 {
+        assert_eq!(
+            post_case(
+                &s,
+                &format!("c{i}"),
+                &json!({"title": format!("case {i}"), "customer_id": "c"})
+            )
+            .await
+            .status(),
+            201
+        );
+    }
+    let get =
+        async |q: String| -> reqwest::Response { s.http.get(s.url(&format!("/cases?{q}"))).send().await.unwrap() };
+    let first: Value = get("cursor=&limit=3".into()).await.json().await.unwrap();
+    let titles = |v: &Value| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["title"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(titles(&first), ["case 0", "case 1", "case 2"]);
+    let next = first["next_cursor"].as_str().unwrap().to_owned();
+    // Rows inserted meanwhile do not shift the next page (they come at the end).
+    for i in 7..10 {
+        assert_eq!(
+            post_case(
+                &s,
+                &format!("c{i}"),
+                &json!({"title": format!("case {i}"), "customer_id": "c"})
+            )
+            .await
+            .status(),
+            201
+        );
+    }
+    let mut seen = titles(&first);
+    let mut cursor = next;
+    loop {
+        let page: Value = get(format!("cursor={cursor}&limit=3")).await.json().await.unwrap();
+        seen.extend(titles(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("case {i}")).collect();
+    assert_eq!(seen, want, "every case exactly once, in order");
+    // A forged or garbled cursor is a 400 problem.
+    let mut forged = first["next_cursor"].as_str().unwrap().to_owned().into_bytes();
+    forged[5] = if forged[5] == b'A' { b'B' } else { b'A' };
+    for bad in [String::from_utf8(forged).unwrap(), "garbage".into(), "%FF%FE".into()] {
+        let res = get(format!("cursor={bad}&limit=3")).await;
+        let p = problem(res, 400).await;
+        assert_eq!(p["type"], "/problems/invalid-cursor");
+    }
+    problem(get("cursor=&page=2".into()).await, 400).await;
     s.stop().await;
 }

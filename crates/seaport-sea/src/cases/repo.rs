@@ -50,3 +50,20 @@ pub async fn list(db: &Db, offset: u64, limit: u64) -> Result<(Vec<Case>, u64), 
         Ok((cases, total as u64))
     })
 }
+
+/// Keyset page: cases after position `after` (their `seq`), in creation order, with each one's
+/// position. Cost does not depend on how deep the page is.
+pub async fn list_after(db: &Db, after: i64, limit: u64) -> Result<Vec<(i64, Case)>, sqlx::Error> {
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT seq, {COLUMNS} FROM cases WHERE seq > $1 ORDER BY seq LIMIT $2"
+    ));
+    let rows: Vec<Keyed> = on_pool!(db, p => sqlx::query_as(sql).bind(after).bind(limit as i64).fetch_all(p).await)?;
+    Ok(rows.into_iter().map(|k| (k.seq, k.case)).collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct Keyed {
+    seq: i64,
+    #[sqlx(flatten)]
+    case: Case,
+}

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, StatusCode, header};
 use seaport::Event;
-use seaport::http::pagination::{Page, PageRequest};
+use seaport::http::pagination::{CursorPage, ListRequest, Page};
 use seaport::http::problem::parse_json;
 use seaport::http::{Correlation, Problem};
 use seaport::http::{IdempotencyLayer, IdempotentTx};
@@ -69,10 +69,36 @@ async fn create_case(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(case)).into_response())
 }
 
+/// List cases: offset paging (`?page=&limit=`, with a `Link` header) or keyset paging
+/// (`?cursor=&limit=`).
 async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
-    let req = PageRequest::from_query(query.as_deref())?;
-    let (cases, total) = repo::list(&app.store, req.offset(), req.limit).await?;
-    Ok(Json(Page::new(cases, req, total)).into_response())
+    match ListRequest::from_query(query.as_deref())? {
+        ListRequest::Offset(req) => {
+            let (cases, total) = repo::list(&app.store, req.offset(), req.limit).await?;
+            let page = Page::new(cases, req, total);
+            let link = page.link_header("/cases");
+            Ok(([(header::LINK, link)], Json(page)).into_response())
+        }
+        ListRequest::Cursor { cursor, limit } => {
+            let after = match cursor {
+                Some(c) => app.cursors.decode(&c)?,
+                None => 0,
+            };
+            let mut rows = repo::list_after(&app.store, after, limit + 1).await?;
+            let more = rows.len() as u64 > limit;
+            rows.truncate(limit as usize);
+            let next_cursor = if more {
+                rows.last().map(|(seq, _)| app.cursors.encode(*seq))
+            } else {
+                None
+            };
+            Ok(Json(CursorPage {
+                data: rows.into_iter().map(|(_, c)| c).collect(),
+                next_cursor,
+            })
+            .into_response())
+        }
+    }
 }
 
 async fn get_case(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, Problem> {

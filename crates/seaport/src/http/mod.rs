@@ -2,6 +2,7 @@
 //! Idempotency-Key and pagination.
 
 pub mod correlation;
+pub mod cursor;
 pub mod idempotency;
 pub mod idempotency_layer;
 pub mod pagination;
