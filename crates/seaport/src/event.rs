@@ -88,11 +88,23 @@ impl Event {
         self
     }
 
-    /// Make this event a consequence of `parent`: same correlation id, `parent.id` as causation.
+    /// Make this event a consequence of `parent`: same correlation id, `parent.id` as causation,
+    /// and the parent's trace continued (`traceparent` with a new span id).
     /// A parent without a correlation id starts a new conversation named after itself.
     pub fn caused_by(mut self, parent: &Event) -> Self {
         self.correlationid = Some(parent.correlationid.clone().unwrap_or_else(|| parent.id.clone()));
         self.causationid = Some(parent.id.clone());
+        let trace = parent
+            .extensions
+            .get("traceparent")
+            .and_then(|v| v.as_str())
+            .and_then(crate::http::correlation::TraceParent::parse);
+        if let Some(t) = trace {
+            self.extensions.insert(
+                "traceparent".to_owned(),
+                serde_json::Value::String(t.child().to_string()),
+            );
+        }
         self
     }
 
