@@ -176,7 +176,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
 }
 
 pub fn router(state: AppState, role: Role) -> Router {
-    let mut router = Router::new().route("/healthz", get(healthz));
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(crate::openapi::openapi_json));
     if role.api() {
         router = router
             .merge(crate::cases::routes::router(&state))
@@ -194,7 +196,16 @@ pub fn router(state: AppState, role: Role) -> Router {
         .with_state(state)
 }
 
-async fn healthz(
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "meta",
+    responses(
+        (status = 200, description = "The database answers", body = crate::openapi::Health),
+        (status = 503, description = "The database does not answer", content_type = "application/problem+json", body = crate::openapi::Problem),
+    )
+)]
+pub async fn healthz(
     axum::extract::State(app): axum::extract::State<AppState>,
 ) -> Result<axum::Json<serde_json::Value>, Problem> {
     on_pool!(&app.store, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(|e| {

@@ -10,4 +10,5 @@ pub mod app;
 pub mod bench;
 pub mod cases;
 pub mod consumers;
+pub mod openapi;
 pub mod trace;

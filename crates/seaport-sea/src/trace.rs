@@ -12,17 +12,18 @@ use serde::Serialize;
 
 use crate::app::AppState;
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Trace {
     pub correlation_id: String,
     /// Events in causal order (depth-first from the roots, siblings in log order).
     pub events: Vec<TracedEvent>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct TracedEvent {
     pub id: String,
     #[serde(rename = "type")]
+    #[schema(rename = "type")]
     pub ty: String,
     pub source: String,
     pub subject: Option<String>,
@@ -34,7 +35,7 @@ pub struct TracedEvent {
     pub consumers: Vec<SeenBy>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SeenBy {
     pub consumer: String,
     pub processed_at: String,
@@ -146,6 +147,17 @@ fn causal_order(events: Vec<TracedEvent>) -> Vec<TracedEvent> {
         .collect()
 }
 
+#[utoipa::path(
+    get,
+    path = "/trace/{correlation_id}",
+    tag = "trace",
+    params(("correlation_id" = String, Path, description = "1-128 of A-Z a-z 0-9 - _ . : @ / + =", pattern = r"^[A-Za-z0-9._:@/+=-]{1,128}$")),
+    responses(
+        (status = 200, description = "Events and effects in causal order", body = Trace),
+        (status = 400, description = "Not a valid correlation id", content_type = "application/problem+json", body = crate::openapi::Problem),
+        (status = 404, description = "Nothing recorded for this correlation id", content_type = "application/problem+json", body = crate::openapi::Problem),
+    )
+)]
 pub async fn route(State(app): State<AppState>, Path(correlation_id): Path<String>) -> Result<Json<Trace>, Problem> {
     if !seaport::http::correlation::valid_id(&correlation_id) {
         return Err(Problem::bad_request("not a valid correlation id"));

@@ -8,7 +8,7 @@ pub const MAX_DESCRIPTION: usize = 10_000;
 pub const MAX_CUSTOMER_ID: usize = 128;
 
 /// A support case, as stored and as returned by the API.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Case {
     pub id: String,
     pub title: String,
@@ -20,12 +20,22 @@ pub struct Case {
 }
 
 /// The body of `POST /cases`. Unknown fields are refused so typos do not pass silently.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCaseRequest {
+    /// 1 to 200 characters after trimming.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub title: String,
+    /// 1 to 128 printable characters after trimming.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub customer_id: String,
+    /// Up to 10,000 characters.
     #[serde(default)]
+    #[schema(max_length = 10000)]
     pub description: Option<String>,
 }
 

@@ -13,7 +13,7 @@ use seaport::http::problem::parse_json;
 use seaport::http::{Correlation, Problem};
 use seaport::http::{IdempotencyLayer, IdempotentTx};
 
-use super::domain::CreateCaseRequest;
+use super::domain::{Case, CreateCaseRequest};
 use super::{CASE_CREATED, SOURCE, repo};
 use crate::app::AppState;
 
@@ -42,9 +42,32 @@ fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/cases",
+    tag = "cases",
+    request_body(content = CreateCaseRequest, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = String, Header, description = "IETF Idempotency-Key: a bare key or an sf-string `\"key\"`, 1-255 printable ASCII. The catalog's `X-Idempotency-Key` is accepted instead (if both are sent they must agree).",
+            pattern = r"^[!#-~]([ !#-~]{0,253}[!#-~])?$"),
+        ("X-Client-Id" = Option<String>, Header, description = "The caller; idempotency keys are scoped to it."),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Correlation id to continue; a fresh one is made if absent or invalid."),
+        ("X-Causation-Id" = Option<String>, Header, description = "What caused this request upstream."),
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context."),
+    ),
+    responses(
+        (status = 201, description = "Created (or replayed, with Idempotent-Replayed: true)", body = Case,
+            headers(("Location" = String, description = "/cases/{id}"), ("Idempotent-Replayed" = String, description = "`true` on a replay"))),
+        (status = 400, description = "Missing or malformed idempotency key, or malformed JSON", content_type = "application/problem+json", body = crate::openapi::Problem),
+        (status = 409, description = "A request with this key is still in flight", content_type = "application/problem+json", body = crate::openapi::Problem, headers(("Retry-After" = String))),
+        (status = 413, description = "Body over 2 MiB", content_type = "application/problem+json", body = crate::openapi::Problem),
+        (status = 415, description = "Not JSON", content_type = "application/problem+json", body = crate::openapi::Problem),
+        (status = 422, description = "Missing or invalid fields, or the key was used for another request", content_type = "application/problem+json", body = crate::openapi::Problem),
+    )
+)]
 /// Open a case. Behind the Idempotency-Key layer: the case, its `sea.cases.created` event
 /// (outbox) and the stored response commit in one transaction; a repeat replays the response.
-async fn create_case(
+pub async fn create_case(
     State(app): State<AppState>,
     corr: Correlation,
     idempotent: IdempotentTx,
@@ -69,9 +92,24 @@ async fn create_case(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(case)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/cases",
+    tag = "cases",
+    params(
+        ("page" = Option<u64>, Query, description = "Offset mode: page number, from 1", minimum = 1, maximum = 1000000000),
+        ("limit" = Option<u64>, Query, description = "Page size, 1-100, default 20", minimum = 1, maximum = 100),
+        ("cursor" = Option<String>, Query, description = "Cursor mode: empty for the first page, then next_cursor; not combinable with page"),
+    ),
+    responses(
+        (status = 200, description = "One page (offset mode, with an RFC 8288 Link header; or cursor mode)",
+            body = inline(CasePageAny), headers(("Link" = String, description = "first, prev, next, last (offset mode)"))),
+        (status = 400, description = "Invalid paging parameters (listed in invalid-params) or cursor", content_type = "application/problem+json", body = crate::openapi::Problem),
+    )
+)]
 /// List cases: offset paging (`?page=&limit=`, with a `Link` header) or keyset paging
 /// (`?cursor=&limit=`).
-async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
+pub async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
     match ListRequest::from_query(query.as_deref())? {
         ListRequest::Offset(req) => {
             let (cases, total) = repo::list(&app.store, req.offset(), req.limit).await?;
@@ -101,7 +139,19 @@ async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) -> R
     }
 }
 
-async fn get_case(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, Problem> {
+#[utoipa::path(
+    get,
+    path = "/cases/{id}",
+    tag = "cases",
+    params(("id" = String, Path, description = "The case id (a UUID)",
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses(
+        (status = 200, description = "The case", body = Case),
+        (status = 400, description = "Not a UUID", content_type = "application/problem+json", body = crate::openapi::Problem),
+        (status = 404, description = "No such case", content_type = "application/problem+json", body = crate::openapi::Problem),
+    )
+)]
+pub async fn get_case(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, Problem> {
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(Problem::bad_request(format!("{id:?} is not a case id (a UUID)")));
     }
@@ -109,4 +159,16 @@ async fn get_case(State(app): State<AppState>, Path(id): Path<String>) -> Result
         Some(case) => Ok(Json(case).into_response()),
         None => Err(Problem::not_found(format!("no case with id {id}"))),
     }
+}
+
+/// Either page shape of `GET /cases`.
+#[derive(utoipa::ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+#[schema(as = CaseList)]
+#[serde(untagged)]
+pub enum CasePageAny {
+    #[schema(title = "offset")]
+    Offset(crate::openapi::CasePage),
+    #[schema(title = "cursor")]
+    Cursor(crate::openapi::CaseCursorPage),
 }
