@@ -158,7 +158,11 @@ fn causal_order(events: Vec<TracedEvent>) -> Vec<TracedEvent> {
         (status = 404, description = "Nothing recorded for this correlation id", content_type = "application/problem+json", body = crate::openapi::Problem),
     )
 )]
-pub async fn route(State(app): State<AppState>, Path(correlation_id): Path<String>) -> Result<Json<Trace>, Problem> {
+pub async fn route(
+    State(app): State<AppState>,
+    correlation_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Trace>, Problem> {
+    let Path(correlation_id) = correlation_id.map_err(|r| Problem::new(r.status(), r.body_text()))?;
     if !seaport::http::correlation::valid_id(&correlation_id) {
         return Err(Problem::bad_request("not a valid correlation id"));
     }

@@ -284,6 +284,8 @@ async fn bad_requests_get_problem_details(kind: Kind) {
     .await;
     problem(s.http.get(s.url("/cases/not-a-uuid")).send().await.unwrap(), 400).await;
     problem(s.http.get(s.url("/nowhere")).send().await.unwrap(), 404).await;
+    problem(s.http.get(s.url("/cases/%FF%FE")).send().await.unwrap(), 400).await;
+    problem(s.http.get(s.url("/trace/%FF")).send().await.unwrap(), 400).await;
     problem(s.http.delete(s.url("/cases")).send().await.unwrap(), 405).await;
     problem(
         s.http.get(s.url("/trace/unknown-correlation")).send().await.unwrap(),
