@@ -76,19 +76,8 @@ impl TestService {
             running.shutdown().await.unwrap();
         }
         self.db.close().await;
-        if let (Some(url), Some(nats)) = (&self.config.database_url, &self.config.nats_url) {
-            if let Ok(b) = seaport::broker::jetstream::JetStreamBroker::connect(nats).await {
-                let _ = b.context().delete_stream(&self.config.stream).await;
-            }
-            let name = url.rsplit('/').next().unwrap_or_default();
-            let admin = seaport::testing::database_admin_url();
-            if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut c)
-                .await;
-            }
+        if self.config.database_url.is_some() {
+            seaport::testing::remove_pg_and_stream(self.config.database_url.as_deref(), &self.config.stream).await;
         }
     }
 }

@@ -107,20 +107,8 @@ impl Deployment {
     }
 
     async fn cleanup(self) {
-        if let Some(url) = &self.database_url {
-            if let Ok(client) = async_nats::connect(seaport::testing::nats_url()).await {
-                let _ = async_nats::jetstream::new(client).delete_stream(&self.stream).await;
-            }
-            let name = url.rsplit('/').next().unwrap_or_default().to_owned();
-            if let Ok(mut c) =
-                <sqlx::PgConnection as sqlx::Connection>::connect(&seaport::testing::database_admin_url()).await
-            {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut c)
-                .await;
-            }
+        if self.database_url.is_some() {
+            seaport::testing::remove_pg_and_stream(self.database_url.as_deref(), &self.stream).await;
         }
     }
 }

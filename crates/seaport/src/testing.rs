@@ -140,20 +140,22 @@ impl Fixture {
     /// Delete the stream (JetStream) and the database (PostgreSQL).
     pub async fn cleanup(self) {
         if self.kind == Kind::PgJetStream {
-            if let Ok(b) = JetStreamBroker::connect(&nats_url()).await {
-                let _ = b.context().delete_stream(&self.stream).await;
-            }
             self.db.close().await;
-            if let Some(url) = &self.database_url {
-                let name = url.rsplit('/').next().unwrap_or_default().to_owned();
-                if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&database_admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await;
-                }
-            }
+            remove_pg_and_stream(self.database_url.as_deref(), &self.stream).await;
+        }
+    }
+}
+
+/// Best-effort removal of a test database made by [`fresh_pg_database`] and of a stream.
+pub async fn remove_pg_and_stream(database_url: Option<&str>, stream: &str) {
+    if let Ok(b) = JetStreamBroker::connect(&nats_url()).await {
+        let _ = b.context().delete_stream(stream).await;
+    }
+    if let Some(url) = database_url {
+        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&database_admin_url()).await {
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
         }
     }
 }

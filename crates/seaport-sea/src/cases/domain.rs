@@ -80,12 +80,7 @@ impl CreateCaseRequest {
                 description,
             })
         } else {
-            let detail = invalid
-                .iter()
-                .map(|(n, r)| format!("{n} {r}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            Err(Problem::unprocessable(detail).with_invalid_params(&invalid))
+            Err(Problem::invalid(http::StatusCode::UNPROCESSABLE_ENTITY, &invalid))
         }
     }
 }

@@ -152,7 +152,10 @@ pub async fn list_cases(State(app): State<AppState>, RawQuery(query): RawQuery) 
         (status = 404, description = "No such case", content_type = "application/problem+json", body = crate::openapi::Problem),
     )
 )]
-pub async fn get_case(State(app): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<Response, Problem> {
+pub async fn get_case(
+    State(app): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
     let Path(id) = id.map_err(|r| Problem::new(r.status(), r.body_text()))?;
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(Problem::bad_request(format!("{id:?} is not a case id (a UUID)")));

@@ -61,12 +61,7 @@ impl PageRequest {
         if invalid.is_empty() {
             Ok(req)
         } else {
-            let detail = invalid
-                .iter()
-                .map(|(n, r)| format!("{n} {r}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            Err(Problem::bad_request(detail).with_invalid_params(&invalid))
+            Err(Problem::invalid(http::StatusCode::BAD_REQUEST, &invalid))
         }
     }
 
@@ -116,12 +111,7 @@ impl ListRequest {
             }
         };
         if !invalid.is_empty() {
-            let detail = invalid
-                .iter()
-                .map(|(n, r)| format!("{n} {r}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(Problem::bad_request(detail).with_invalid_params(&invalid));
+            return Err(Problem::invalid(http::StatusCode::BAD_REQUEST, &invalid));
         }
         let cursor = cursors[0].clone();
         Ok(ListRequest::Cursor {

@@ -77,6 +77,16 @@ impl Problem {
         self
     }
 
+    /// A problem listing every wrong input: the detail sums them up, `invalid-params` lists them.
+    pub fn invalid(status: StatusCode, params: &[(&str, String)]) -> Self {
+        let detail = params
+            .iter()
+            .map(|(n, r)| format!("{n} {r}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Problem::new(status, detail).with_invalid_params(params)
+    }
+
     /// RFC 9457 §3's `invalid-params` extension: which inputs were wrong and why.
     pub fn with_invalid_params(self, params: &[(&str, String)]) -> Self {
         let list = params
