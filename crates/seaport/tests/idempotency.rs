@@ -209,13 +209,13 @@ async fn keys_are_scoped_to_the_caller(kind: Kind) {
 }
 
 async fn expired_keys_execute_again(kind: Kind) {
-    let a = app(kind, Behaviour::default(), |l| l.retention(Duration::from_millis(300))).await;
+    let a = app(kind, Behaviour::default(), |l| l.retention(Duration::from_secs(2))).await;
     assert_eq!(a.post(Some("short"), None, "x").await.status(), 201);
     assert_eq!(
         a.post(Some("short"), None, "x").await.headers()["idempotent-replayed"],
         "true"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     let after = a.post(Some("short"), None, "x").await;
     assert_eq!(after.status(), 201);
     assert!(
@@ -224,7 +224,7 @@ async fn expired_keys_execute_again(kind: Kind) {
     );
     assert_eq!(a.things().await, 2);
     // And the sweeper deletes expired keys.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     let swept = seaport::retention::sweep_once(&a.f.db, &Default::default())
         .await
         .unwrap();
@@ -233,7 +233,7 @@ async fn expired_keys_execute_again(kind: Kind) {
 }
 
 async fn abandoned_claim_is_taken_over_after_its_lease(kind: Kind) {
-    let a = app(kind, Behaviour::default(), |l| l.lease(Duration::from_millis(300))).await;
+    let a = app(kind, Behaviour::default(), |l| l.lease(Duration::from_secs(2))).await;
     // A request claimed the key and then its process died (no completion, no release).
     let fp = seaport::http::idempotency::fingerprint("POST", "/things", b"x");
     let key = IdempotencyKey::parse(b"orphan").unwrap();
@@ -243,7 +243,7 @@ async fn abandoned_claim_is_taken_over_after_its_lease(kind: Kind) {
         &key,
         &fp,
         Duration::from_secs(3600),
-        Duration::from_millis(300),
+        Duration::from_secs(2),
     )
     .await
     .unwrap();
@@ -253,7 +253,7 @@ async fn abandoned_claim_is_taken_over_after_its_lease(kind: Kind) {
         409,
         "within the lease it is in flight"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
         a.post(Some("orphan"), None, "x").await.status(),
         201,

@@ -132,7 +132,9 @@ pub struct IdempotencyService<S> {
 }
 
 /// The transaction a handler behind [`IdempotencyLayer`] writes in. Begun on first use; the
-/// layer stores the response in it and commits (or rolls back on failure). Do not commit it.
+/// layer stores the response in it and commits (or rolls back on failure). Do not commit it,
+/// and on SQLite do not begin another write transaction while holding it (one writer at a time:
+/// the second would wait for the first forever).
 #[derive(Clone)]
 pub struct IdempotentTx {
     slot: Arc<Mutex<Option<Tx>>>,
