@@ -90,12 +90,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dead letters: messages a consumer could not process within its deliveries.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Print the causal tree of events and effects of one correlation id.
     Trace {
         correlation_id: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// All dead letters, oldest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter with its headers and payload.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their consumer (other consumers' inboxes drop the copy).
+    Replay {
+        /// The dead letter to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Replay every dead letter not replayed yet.
+        #[arg(long)]
+        all: bool,
+        /// The deployment's NATS JetStream (omit on the embedded broker).
+        #[arg(long, env = "SEAPORT_NATS_URL")]
+        nats_url: Option<String>,
+        #[arg(long, default_value = "SEA")]
+        stream: String,
+        #[arg(long, default_value = "sea")]
+        subject_root: String,
     },
 }
 
@@ -206,6 +242,96 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             seaport_sea::bench::print(&report, json);
+            Ok(())
+        }
+        Command::Dlq { command } => {
+            let store = open_existing(&cli.data_dir, cli.database_url.clone()).await?;
+            match command {
+                DlqCommand::List { json } => {
+                    let all = seaport::dead_letters::list(&store).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                    } else if all.is_empty() {
+                        println!("no dead letters");
+                    } else {
+                        for d in all {
+                            let replayed = if d.replays > 0 {
+                                format!(", replayed {}x", d.replays)
+                            } else {
+                                String::new()
+                            };
+                            println!(
+                                "#{} {} {} (message {}, {} deliveries{replayed}): {}",
+                                d.id, d.consumer, d.subject, d.message_id, d.delivery_count, d.last_error
+                            );
+                        }
+                    }
+                }
+                DlqCommand::Show { id, json } => {
+                    let (d, headers, payload) = seaport::dead_letters::get(&store, id)
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("no dead letter with id {id}"))?;
+                    let payload_text = String::from_utf8_lossy(&payload).into_owned();
+                    if json {
+                        let payload: serde_json::Value =
+                            serde_json::from_slice(&payload).unwrap_or(serde_json::Value::String(payload_text));
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(
+                                &serde_json::json!({"dead_letter": d, "headers": headers, "payload": payload})
+                            )?
+                        );
+                    } else {
+                        println!(
+                            "dead letter #{}\nconsumer:   {}\nstream:     {} (seq {})\nsubject:    {}\nmessage id: {}\ndeliveries: {}\nlast error: {}\nreplays:    {}",
+                            d.id,
+                            d.consumer,
+                            d.stream,
+                            d.stream_seq,
+                            d.subject,
+                            d.message_id,
+                            d.delivery_count,
+                            d.last_error,
+                            d.replays
+                        );
+                        for (k, v) in headers {
+                            println!("header {k}: {v}");
+                        }
+                        println!("payload: {payload_text}");
+                    }
+                }
+                DlqCommand::Replay {
+                    id,
+                    all,
+                    nats_url,
+                    stream,
+                    subject_root,
+                } => {
+                    let mut config = Config::embedded(&cli.data_dir);
+                    config.database_url = cli.database_url;
+                    config.nats_url = nats_url;
+                    config.stream = stream;
+                    config.topics = app::Topics { root: subject_root };
+                    let broker = app::connect_broker(&config, &store).await?;
+                    let ids: Vec<i64> = match id {
+                        Some(id) => vec![id],
+                        None if all => seaport::dead_letters::list(&store)
+                            .await?
+                            .into_iter()
+                            .filter(|d| d.replays == 0)
+                            .map(|d| d.id)
+                            .collect(),
+                        None => anyhow::bail!("give a dead letter id or --all"),
+                    };
+                    for id in &ids {
+                        seaport::dead_letters::replay(&store, broker.as_ref(), *id).await?;
+                        println!("replayed dead letter #{id}");
+                    }
+                    if ids.is_empty() {
+                        println!("nothing to replay");
+                    }
+                }
+            }
             Ok(())
         }
         Command::Trace { correlation_id, json } => {

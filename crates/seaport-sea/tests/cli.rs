@@ -109,3 +109,81 @@ async fn outbox_status_and_trace_read_the_live_database() {
     assert!(sqlx::query("DELETE FROM audit_log").execute(&db).await.is_err());
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_shown_and_replayed() {
+    let s = TestService::start().await;
+    // An event the notifications consumer cannot process (no data.id): it ends in the dead letters.
+    let bad = seaport::Event::new("sea.cases.created", "/test", serde_json::json!({"title": "no id"}))
+        .with_subject("broken")
+        .correlated("dlq-corr", None);
+    let mut tx = s.db.begin_write().await.unwrap();
+    seaport::outbox::Outbox::new().insert(&mut tx, &bad).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_for("the dead letter", async || {
+        s.count("SELECT COUNT(*) FROM seaport_dead_letters").await == 1
+    })
+    .await;
+
+    let d = s.dir.path().to_str().unwrap().to_owned();
+    let (code, out, _) = seaport(&["dlq", "list", "--json", "--data-dir", &d]);
+    assert_eq!(code, 0);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["consumer"], "notifications__from_sea");
+    assert_eq!(list[0]["message_id"], bad.id.as_str());
+    assert_eq!(list[0]["delivery_count"], 5);
+    assert!(list[0]["last_error"].as_str().unwrap().contains("data.id"));
+    let id = list[0]["id"].as_i64().unwrap().to_string();
+    let (code, out, _) = seaport(&["dlq", "list", "--data-dir", &d]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("notifications__from_sea") && out.contains("data.id"),
+        "{out}"
+    );
+    let (code, out, _) = seaport(&["dlq", "show", &id, "--data-dir", &d]);
+    assert_eq!(code, 0);
+    assert!(out.contains("payload:") && out.contains("no id"), "{out}");
+    let (code, out, _) = seaport(&["dlq", "show", &id, "--json", "--data-dir", &d]);
+    assert_eq!(code, 0);
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["payload"]["id"], bad.id.as_str());
+
+    let (code, out, _) = seaport(&["dlq", "replay", &id, "--data-dir", &d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("replayed dead letter #{id}")));
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM seaport_dead_letters WHERE replays = 1")
+            .await,
+        1
+    );
+    let (code, out, _) = seaport(&["dlq", "replay", "--all", "--data-dir", &d]);
+    assert_eq!((code, out.trim()), (0, "nothing to replay"));
+    let (code, _, err) = seaport(&["dlq", "replay", "999999", "--data-dir", &d]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no dead letter with id 999999"), "{err}");
+    let (code, _, err) = seaport(&["dlq", "show", "999999", "--data-dir", &d]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no dead letter"), "{err}");
+    let (code, _, _) = seaport(&["dlq", "replay", "--data-dir", &d]);
+    assert_eq!(code, 2, "an id or --all is required");
+    // The other consumers processed the event once and dropped the replayed copy in their inbox.
+    wait_for(
+        "the audit consumer to have taken and settled the replayed copy",
+        async || {
+            s.count(
+                "SELECT COUNT(*) FROM seaport_broker_consumers c WHERE c.name = 'audit__from_sea'
+               AND c.delivered_seq = (SELECT MAX(seq) FROM seaport_broker_messages)
+               AND NOT EXISTS (SELECT 1 FROM seaport_broker_pending p WHERE p.consumer = c.name)",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM consumer_effects WHERE consumer = 'audit__from_sea'")
+            .await,
+        1
+    );
+    s.stop().await;
+}

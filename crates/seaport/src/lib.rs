@@ -16,6 +16,7 @@
 pub mod broker;
 pub mod consumer;
 pub mod crash;
+pub mod dead_letters;
 pub mod event;
 pub mod http;
 pub mod inbox;

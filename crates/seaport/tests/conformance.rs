@@ -172,6 +172,7 @@ conformance!(
     message_that_keeps_failing_ends_in_dead_letters,
     two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects,
     retention_deletes_only_old_published_rows_and_old_inbox_records,
+    replayed_dead_letter_reaches_its_consumer_once_and_no_one_else,
 );
 
 async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
@@ -674,5 +675,73 @@ async fn retention_deletes_only_old_published_rows_and_old_inbox_records(kind: K
         1,
         "recent inbox records stay"
     );
+    f.cleanup().await;
+}
+
+async fn replayed_dead_letter_reaches_its_consumer_once_and_no_one_else(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 1).await;
+    drain(&f).await;
+    let poison = Recorder::new("p");
+    poison.failures_left.lock().unwrap().insert(events[0].id.clone(), 2);
+    let failures = poison.failures_left.clone();
+    let mut cfg = RunnerConfig::new(ConsumerConfig {
+        max_deliver: 2,
+        ..ConsumerConfig::new("fragile", format!("{}.>", f.root))
+    });
+    cfg.base_backoff = Duration::from_millis(10);
+    let (stop, stopped) = watch::channel(false);
+    let fragile = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(poison));
+    let tasks = vec![
+        tokio::spawn(fragile.run(stopped.clone())),
+        tokio::spawn(runner(&f, "bystander", Recorder::new("b")).run(stopped.clone())),
+    ];
+    wait_for("the dead letter", async || {
+        count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1
+    })
+    .await;
+    wait_for("the bystander", async || effects(&f, "bystander").await.len() == 1).await;
+    assert_eq!(effects(&f, "fragile").await.len(), 0);
+    let dl = &seaport::dead_letters::list(&f.db).await.unwrap()[0];
+    assert_eq!(
+        (
+            dl.consumer.as_str(),
+            dl.message_id.as_str(),
+            dl.delivery_count,
+            dl.replays
+        ),
+        ("fragile", events[0].id.as_str(), 2, 0)
+    );
+    assert!(dl.last_error.contains("injected failure"));
+    let (_, headers, payload) = seaport::dead_letters::get(&f.db, dl.id).await.unwrap().unwrap();
+    assert_eq!(
+        Event::from_json(&payload).unwrap().id,
+        events[0].id,
+        "the payload is kept"
+    );
+    assert!(headers.contains_key("Nats-Msg-Id"));
+
+    // The cause is fixed; the operator replays.
+    assert_eq!(failures.lock().unwrap()[&events[0].id], 0);
+    seaport::dead_letters::replay(&f.db, f.broker.as_ref(), dl.id)
+        .await
+        .unwrap();
+    wait_for("the replayed message", async || effects(&f, "fragile").await.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(effects(&f, "fragile").await.len(), 1, "processed once");
+    assert_eq!(
+        effects(&f, "bystander").await.len(),
+        1,
+        "the bystander's inbox dropped the replay"
+    );
+    assert_eq!(seaport::dead_letters::list(&f.db).await.unwrap()[0].replays, 1);
+    assert!(matches!(
+        seaport::dead_letters::replay(&f.db, f.broker.as_ref(), 999_999).await,
+        Err(seaport::dead_letters::ReplayError::NotFound(_))
+    ));
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
     f.cleanup().await;
 }
