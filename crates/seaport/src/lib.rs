@@ -20,6 +20,7 @@ pub mod dead_letters;
 pub mod event;
 pub mod http;
 pub mod inbox;
+pub mod naming;
 pub mod outbox;
 pub mod retention;
 pub mod store;

@@ -38,3 +38,18 @@ pub async fn record_effect(tx: &mut Tx, consumer: &str, event: &Event, effect: &
 pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use seaport::naming::{DurableName, parse};
+
+    #[test]
+    fn consumer_names_follow_the_fan_out_convention() {
+        for name in [super::ANALYTICS, super::NOTIFICATIONS, super::AUDIT] {
+            assert!(
+                matches!(parse(name), Ok(DurableName::FanOut { ref source, .. }) if source == "sea"),
+                "{name}"
+            );
+        }
+    }
+}
