@@ -79,11 +79,6 @@ pub struct Relay {
     partitions: Option<PartitionLocks>,
 }
 
-struct Pending {
-    seq: i64,
-    message: OutgoingMessage,
-}
-
 impl Relay {
     pub fn new(db: impl Into<Db>, broker: Arc<dyn Broker>, config: RelayConfig) -> Self {
         let db = db.into();
@@ -112,22 +107,21 @@ impl Relay {
         if let Some(locks) = &mut self.partitions {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
-        let rows = self.fetch_batch().await?;
-        if rows.is_empty() {
+        let (seqs, messages) = self.fetch_batch().await?;
+        if seqs.is_empty() {
             return Ok(RelayPass::default());
         }
         crash_point("relay.before_publish");
-        let messages: Vec<OutgoingMessage> = rows.iter().map(|r| r.message.clone()).collect();
         let results = self.broker.publish(&messages).await;
         crash_point("relay.after_publish");
 
         let now = now_ms();
-        let mut confirmed = Vec::with_capacity(rows.len());
+        let mut confirmed = Vec::with_capacity(seqs.len());
         let mut failed = Vec::new();
-        for (row, result) in rows.iter().zip(results) {
+        for (seq, result) in seqs.into_iter().zip(results) {
             match result {
-                Ok(_) => confirmed.push(row.seq),
-                Err(e) => failed.push((row.seq, e.to_string())),
+                Ok(_) => confirmed.push(seq),
+                Err(e) => failed.push((seq, e.to_string())),
             }
         }
         let mut tx = self.db.begin_write().await?;
@@ -164,7 +158,8 @@ impl Relay {
         })
     }
 
-    async fn fetch_batch(&self) -> Result<Vec<Pending>, sqlx::Error> {
+    /// Unpublished rows, oldest first: their seqs and the messages to publish, side by side.
+    async fn fetch_batch(&self) -> Result<(Vec<i64>, Vec<OutgoingMessage>), sqlx::Error> {
         let limit = self.config.batch_size as i64;
         let rows = match (&self.db, &self.partitions) {
             (Db::Sqlite(s), _) => {
@@ -183,7 +178,7 @@ impl Relay {
             }
             (Db::Postgres(p), Some(locks)) => {
                 if locks.owned.is_empty() {
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), Vec::new()));
                 }
                 let owned: Vec<i64> = locks.owned.iter().copied().collect();
                 sqlx::query(
@@ -207,17 +202,17 @@ impl Relay {
                     (MSG_ID_HEADER.to_owned(), id.clone()),
                     ("content-type".to_owned(), CLOUDEVENTS_JSON.to_owned()),
                 ]);
-                Pending {
+                (
                     seq,
-                    message: OutgoingMessage {
+                    OutgoingMessage {
                         id,
                         subject: topic,
                         headers,
                         payload,
                     },
-                }
+                )
             })
-            .collect())
+            .unzip())
     }
 
     /// Run until `shutdown` changes to `true`: drain the outbox, then sleep until the next commit
