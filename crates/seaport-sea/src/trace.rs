@@ -162,7 +162,7 @@ pub async fn route(
     State(app): State<AppState>,
     correlation_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Trace>, Problem> {
-    let Path(correlation_id) = correlation_id.map_err(|r| Problem::new(r.status(), r.body_text()))?;
+    let Path(correlation_id) = correlation_id.map_err(Problem::from)?;
     if !seaport::http::correlation::valid_id(&correlation_id) {
         return Err(Problem::bad_request("not a valid correlation id"));
     }

@@ -156,7 +156,7 @@ pub async fn get_case(
     State(app): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
-    let Path(id) = id.map_err(|r| Problem::new(r.status(), r.body_text()))?;
+    let Path(id) = id.map_err(Problem::from)?;
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(Problem::bad_request(format!("{id:?} is not a case id (a UUID)")));
     }

@@ -123,6 +123,12 @@ impl From<JsonRejection> for Problem {
     }
 }
 
+impl From<axum::extract::rejection::PathRejection> for Problem {
+    fn from(r: axum::extract::rejection::PathRejection) -> Self {
+        Problem::new(r.status(), r.body_text())
+    }
+}
+
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
         Problem::internal(e)
