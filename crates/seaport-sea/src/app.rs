@@ -18,6 +18,7 @@ use seaport::broker::embedded::EmbeddedBroker;
 use seaport::broker::jetstream::JetStreamBroker;
 use seaport::broker::{Broker, ConsumerConfig};
 use seaport::consumer::{ConsumerRunner, Handler, RunnerConfig};
+use seaport::dead_letters::DeadLetterQueue;
 use seaport::http::cursor::CursorCodec;
 use seaport::http::{CorrelationLayer, Problem};
 use seaport::on_pool;
@@ -110,6 +111,8 @@ pub struct Config {
     pub idempotency_retention: Duration,
     /// Redelivery delay of a message whose consumer neither acked nor nak'ed it.
     pub ack_wait: Duration,
+    /// Failed attempts before a message goes to the dead letters.
+    pub max_attempts: u32,
     pub retention: RetentionConfig,
 }
 
@@ -126,8 +129,30 @@ impl Config {
             topics: Topics::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
             ack_wait: Duration::from_secs(30),
+            max_attempts: 5,
             retention: RetentionConfig::default(),
         }
+    }
+
+    /// The delivery policy of the consumer `durable`: the default middleware stack, dead
+    /// letters also announced on `{STREAM}_DLQ`.
+    pub fn runner_config(&self, durable: &str) -> RunnerConfig {
+        let mut consumer = ConsumerConfig::new(durable, self.topics.filter());
+        consumer.ack_wait = self.ack_wait;
+        let mut runner = RunnerConfig::new(consumer);
+        runner.max_attempts = self.max_attempts;
+        runner.handler_timeout = runner.handler_timeout.min(self.ack_wait.mul_f64(0.8));
+        runner.dead_letter_queue = Some(DeadLetterQueue::beside(&self.stream, &self.topics.root));
+        runner
+    }
+
+    /// Refuse settings under which duplicates could slip through: inbox records must outlive
+    /// every redelivery of the messages they guard.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let horizon = self.runner_config(ANALYTICS).redelivery_horizon();
+        self.retention.check_inbox_covers(horizon)?;
+        anyhow::ensure!(self.max_attempts >= 1, "--max-attempts must be at least 1");
+        Ok(())
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -267,6 +292,7 @@ pub async fn connect_broker(config: &Config, db: &Db) -> anyhow::Result<Arc<dyn 
 
 /// Start the parts of the service that `config.role` names.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    config.validate()?;
     let store = open_store(&config).await?;
     let broker = connect_broker(&config, &store).await?;
     let listener = TcpListener::bind(config.listen)
@@ -303,13 +329,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             (AUDIT, Arc::new(Audit)),
         ];
         for (name, handler) in handlers {
-            let mut consumer = ConsumerConfig::new(name, config.topics.filter());
-            consumer.ack_wait = config.ack_wait;
             let runner = ConsumerRunner::new(
                 store.clone(),
                 broker.clone(),
                 &config.stream,
-                RunnerConfig::new(consumer),
+                config.runner_config(name),
                 handler,
             );
             let r = stopped.clone();

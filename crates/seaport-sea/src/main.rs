@@ -57,6 +57,9 @@ enum Command {
         /// (e.g. after the process died mid-handler).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         ack_wait_secs: u64,
+        /// Failed attempts before a message goes to the dead letters (`seaport dlq list`).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        max_attempts: u32,
     },
     /// Inspect the outbox.
     Outbox {
@@ -174,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             idempotency_retention_hours,
             ack_wait_secs,
+            max_attempts,
             nats_url,
             role,
             stream,
@@ -198,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.topics = app::Topics { root: subject_root };
             config.idempotency_retention = Duration::from_secs(idempotency_retention_hours * 3600);
             config.ack_wait = Duration::from_secs(ack_wait_secs);
+            config.max_attempts = max_attempts;
             config.retention.outbox = Duration::from_secs(outbox_retention_hours * 3600);
             config.retention.inbox = Duration::from_secs(inbox_retention_hours * 3600);
             let running = app::start(config).await?;

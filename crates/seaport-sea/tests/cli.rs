@@ -5,6 +5,59 @@ mod common;
 use std::process::Command;
 
 use common::{TestService, wait_for};
+use seaport::testing::Kind;
+
+/// The flags that point an operator command at the service's database.
+fn target(s: &TestService) -> Vec<String> {
+    match &s.config.database_url {
+        Some(url) => vec!["--database-url".into(), url.clone()],
+        None => vec!["--data-dir".into(), s.dir.path().display().to_string()],
+    }
+}
+
+/// ...and, for commands that publish, at its broker.
+fn broker_target(s: &TestService) -> Vec<String> {
+    let mut args = target(s);
+    if let Some(nats) = &s.config.nats_url {
+        args.extend(["--nats-url".into(), nats.clone()]);
+    }
+    args.extend([
+        "--stream".into(),
+        s.config.stream.clone(),
+        "--subject-root".into(),
+        s.config.topics.root.clone(),
+    ]);
+    args
+}
+
+fn run_on(args: &[&str], target: &[String]) -> (i32, String, String) {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(target.iter().map(String::as_str));
+    seaport(&all)
+}
+
+/// Has `consumer` settled everything in the service's stream?
+async fn settled(s: &TestService, consumer: &str) -> bool {
+    match &s.config.nats_url {
+        None => {
+            s.count_for(
+                "SELECT COUNT(*) FROM seaport_broker_consumers c WHERE c.name = $1
+                   AND c.delivered_seq = (SELECT MAX(seq) FROM seaport_broker_messages)
+                   AND NOT EXISTS (SELECT 1 FROM seaport_broker_pending p WHERE p.consumer = c.name)",
+                consumer,
+            )
+            .await
+                == 1
+        }
+        Some(url) => {
+            let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+            let mut c: async_nats::jetstream::consumer::PullConsumer =
+                js.get_consumer_from_stream(consumer, &s.config.stream).await.unwrap();
+            let info = c.info().await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        }
+    }
+}
 
 fn seaport(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_seaport"))
@@ -53,9 +106,8 @@ async fn serve_refuses_a_busy_port_with_a_message() {
     assert!(err.contains("cannot listen on"), "{err}");
 }
 
-#[tokio::test]
-async fn outbox_status_and_trace_read_the_live_database() {
-    let s = TestService::start().await;
+async fn outbox_status_and_trace_read_the_live_database(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     let res = s
         .http
         .post(s.url("/cases"))
@@ -66,67 +118,68 @@ async fn outbox_status_and_trace_read_the_live_database() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    let d = s.dir.path().to_str().unwrap().to_owned();
+    let t = target(&s);
     wait_for("the trace", async || {
-        let (code, out, _) = seaport(&["trace", "cli-corr", "--data-dir", &d]);
+        let (code, out, _) = run_on(&["trace", "cli-corr"], &t);
         code == 0 && out.matches("├").count() == 6
     })
     .await;
-    let (code, out, _) = seaport(&["trace", "cli-corr", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["trace", "cli-corr"], &t);
     assert_eq!(code, 0);
     assert!(
         out.contains("sea.cases.created") && out.contains("audit__from_sea") && out.contains("appended audit entry"),
         "{out}"
     );
-    let (code, out, _) = seaport(&["trace", "cli-corr", "--json", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["trace", "cli-corr", "--json"], &t);
     assert_eq!(code, 0);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["correlation_id"], "cli-corr");
-    let (code, out, _) = seaport(&["outbox", "status", "--json", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["outbox", "status", "--json"], &t);
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["unpublished"], 0);
     assert_eq!(status["published"], 2);
-    let (code, out, _) = seaport(&["outbox", "status", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["outbox", "status"], &t);
     assert_eq!(code, 0);
     assert!(out.contains("unpublished: 0"), "{out}");
-    let (code, _, err) = seaport(&["trace", "unknown-corr", "--data-dir", &d]);
+    let (code, _, err) = run_on(&["trace", "unknown-corr"], &t);
     assert_eq!(code, 1);
     assert!(err.contains("no events recorded"), "{err}");
 
-    // The embedded database runs in WAL mode, and the audit log refuses rewrites.
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", s.dir.path().join("seaport.db").display()))
-        .await
-        .unwrap();
-    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&db).await.unwrap();
-    assert_eq!(mode, "wal");
-    assert!(
-        sqlx::query("UPDATE audit_log SET event_type = 'x'")
-            .execute(&db)
+    // The audit log refuses rewrites; the embedded database runs in WAL mode.
+    seaport::on_pool!(&s.db, p => {
+        assert!(sqlx::query("UPDATE audit_log SET event_type = 'x'").execute(p).await.is_err());
+        assert!(sqlx::query("DELETE FROM audit_log").execute(p).await.is_err());
+    });
+    if kind == Kind::Embedded {
+        let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", s.dir.path().join("seaport.db").display()))
             .await
-            .is_err()
-    );
-    assert!(sqlx::query("DELETE FROM audit_log").execute(&db).await.is_err());
+            .unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&db).await.unwrap();
+        assert_eq!(mode, "wal");
+    }
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_are_listed_shown_and_replayed() {
-    let s = TestService::start().await;
+async fn dead_letters_are_listed_shown_and_replayed(kind: Kind) {
+    let s = TestService::start_on(kind).await;
     // An event the notifications consumer cannot process (no data.id): it ends in the dead letters.
     let bad = seaport::Event::new("sea.cases.created", "/test", serde_json::json!({"title": "no id"}))
         .with_subject("broken")
         .correlated("dlq-corr", None);
     let mut tx = s.db.begin_write().await.unwrap();
-    seaport::outbox::Outbox::new().insert(&mut tx, &bad).await.unwrap();
+    seaport::outbox::Outbox::new()
+        .insert_to(&mut tx, &s.topic("sea.cases.created"), &bad)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     wait_for("the dead letter", async || {
         s.count("SELECT COUNT(*) FROM seaport_dead_letters").await == 1
     })
     .await;
 
-    let d = s.dir.path().to_str().unwrap().to_owned();
-    let (code, out, _) = seaport(&["dlq", "list", "--json", "--data-dir", &d]);
+    let (t, bt) = (target(&s), broker_target(&s));
+    let (code, out, _) = run_on(&["dlq", "list", "--json"], &t);
     assert_eq!(code, 0);
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list[0]["consumer"], "notifications__from_sea");
@@ -134,21 +187,21 @@ async fn dead_letters_are_listed_shown_and_replayed() {
     assert_eq!(list[0]["delivery_count"], 5);
     assert!(list[0]["last_error"].as_str().unwrap().contains("data.id"));
     let id = list[0]["id"].as_i64().unwrap().to_string();
-    let (code, out, _) = seaport(&["dlq", "list", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["dlq", "list"], &t);
     assert_eq!(code, 0);
     assert!(
         out.contains("notifications__from_sea") && out.contains("data.id"),
         "{out}"
     );
-    let (code, out, _) = seaport(&["dlq", "show", &id, "--data-dir", &d]);
+    let (code, out, _) = run_on(&["dlq", "show", &id], &t);
     assert_eq!(code, 0);
     assert!(out.contains("payload:") && out.contains("no id"), "{out}");
-    let (code, out, _) = seaport(&["dlq", "show", &id, "--json", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["dlq", "show", &id, "--json"], &t);
     assert_eq!(code, 0);
     let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["payload"]["id"], bad.id.as_str());
 
-    let (code, out, _) = seaport(&["dlq", "replay", &id, "--data-dir", &d]);
+    let (code, out, _) = run_on(&["dlq", "replay", &id], &bt);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("replayed dead letter #{id}")));
     assert_eq!(
@@ -156,28 +209,20 @@ async fn dead_letters_are_listed_shown_and_replayed() {
             .await,
         1
     );
-    let (code, out, _) = seaport(&["dlq", "replay", "--all", "--data-dir", &d]);
+    let (code, out, _) = run_on(&["dlq", "replay", "--all"], &bt);
     assert_eq!((code, out.trim()), (0, "nothing to replay"));
-    let (code, _, err) = seaport(&["dlq", "replay", "999999", "--data-dir", &d]);
+    let (code, _, err) = run_on(&["dlq", "replay", "999999"], &bt);
     assert_eq!(code, 1);
     assert!(err.contains("no dead letter with id 999999"), "{err}");
-    let (code, _, err) = seaport(&["dlq", "show", "999999", "--data-dir", &d]);
+    let (code, _, err) = run_on(&["dlq", "show", "999999"], &t);
     assert_eq!(code, 1);
     assert!(err.contains("no dead letter"), "{err}");
-    let (code, _, _) = seaport(&["dlq", "replay", "--data-dir", &d]);
+    let (code, _, _) = run_on(&["dlq", "replay"], &bt);
     assert_eq!(code, 2, "an id or --all is required");
-    // The other consumers processed the event once and dropped the replayed copy in their inbox.
+    // The other consumers processed the event once and acked the replayed copy unprocessed.
     wait_for(
         "the audit consumer to have taken and settled the replayed copy",
-        async || {
-            s.count(
-                "SELECT COUNT(*) FROM seaport_broker_consumers c WHERE c.name = 'audit__from_sea'
-               AND c.delivered_seq = (SELECT MAX(seq) FROM seaport_broker_messages)
-               AND NOT EXISTS (SELECT 1 FROM seaport_broker_pending p WHERE p.consumer = c.name)",
-            )
-            .await
-                == 1
-        },
+        async || settled(&s, "audit__from_sea").await,
     )
     .await;
     assert_eq!(
@@ -187,3 +232,29 @@ async fn dead_letters_are_listed_shown_and_replayed() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn serve_refuses_inbox_retention_shorter_than_the_redelivery_horizon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = seaport(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--inbox-retention-hours",
+        "1",
+        "--ack-wait-secs",
+        "3600",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("inbox retention") && err.contains("redelivery horizon"),
+        "{err}"
+    );
+}
+
+on_both_backends!(
+    outbox_status_and_trace_read_the_live_database,
+    dead_letters_are_listed_shown_and_replayed
+);

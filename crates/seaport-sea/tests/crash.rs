@@ -256,6 +256,9 @@ async fn survive(point: &str, kind: Kind) {
         // At least one consumer committed its effect and died before acking (on PostgreSQL
         // others may have committed concurrently, and the relay may not have marked yet).
         "consumer.after_commit" => assert!(in_broker == 1 && in_inbox >= 1, "{in_broker} {marked} {in_inbox}"),
+        // A consumer died mid-handler: its effects were written but not committed (others may
+        // have committed theirs concurrently).
+        "consumer.before_commit" => assert!(in_broker == 1 && in_inbox < 3, "{in_broker} {marked} {in_inbox}"),
         other => panic!("unknown point {other}"),
     }
 
@@ -313,7 +316,14 @@ async fn crash_after_consumer_commit_before_ack(kind: Kind) {
     survive("consumer.after_commit", kind).await;
 }
 
+/// A worker killed mid-handler: the message goes to the next worker (here: the restarted
+/// process) after the ack wait, and takes effect once.
+async fn crash_mid_handler_before_the_consumer_commits(kind: Kind) {
+    survive("consumer.before_commit", kind).await;
+}
+
 on_both_backends!(
+    crash_mid_handler_before_the_consumer_commits,
     crash_between_commit_and_publish,
     crash_after_publish_before_marking_published,
     crash_after_consumer_commit_before_ack,

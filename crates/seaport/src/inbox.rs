@@ -4,8 +4,8 @@
 //! record waits for the first transaction, then sees the conflict: two workers can never both
 //! commit effects for one message.
 
-use crate::on_conn;
-use crate::store::{Conn, now_ms};
+use crate::store::{Conn, Db, now_ms};
+use crate::{on_conn, on_pool};
 
 /// Record that `consumer` processes `message_id`. Returns `false` if it already did.
 pub async fn record<'c>(
@@ -35,6 +35,16 @@ pub async fn contains<'c>(conn: impl Into<Conn<'c>>, consumer: &str, message_id:
         .bind(consumer)
         .bind(message_id)
         .fetch_optional(c)
+        .await?);
+    Ok(found.is_some())
+}
+
+/// Has `consumer` processed `message_id`? Read from the pool, outside any transaction.
+pub async fn contains_in(db: &Db, consumer: &str, message_id: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<String> = on_pool!(db, p => sqlx::query_scalar("SELECT message_id FROM seaport_inbox WHERE consumer = $1 AND message_id = $2")
+        .bind(consumer)
+        .bind(message_id)
+        .fetch_optional(p)
         .await?);
     Ok(found.is_some())
 }

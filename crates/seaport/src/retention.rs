@@ -33,6 +33,30 @@ impl Default for RetentionConfig {
     }
 }
 
+/// A retention setting that would let duplicates through.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "inbox retention {retention:?} is shorter than the redelivery horizon {horizon:?} (attempts × (ack wait + max backoff)): a late redelivery would find no inbox record and run its handler again; keep inbox records longer"
+)]
+pub struct RetentionError {
+    pub retention: Duration,
+    pub horizon: Duration,
+}
+
+impl RetentionConfig {
+    /// Check that inbox records outlive `horizon`, the longest time after which a message can
+    /// still be delivered again (see `RunnerConfig::redelivery_horizon`).
+    pub fn check_inbox_covers(&self, horizon: Duration) -> Result<(), RetentionError> {
+        if self.inbox < horizon {
+            return Err(RetentionError {
+                retention: self.inbox,
+                horizon,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What one round deleted.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Swept {

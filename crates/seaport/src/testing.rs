@@ -150,6 +150,7 @@ impl Fixture {
 pub async fn remove_pg_and_stream(database_url: Option<&str>, stream: &str) {
     if let Ok(b) = JetStreamBroker::connect(&nats_url()).await {
         let _ = b.context().delete_stream(stream).await;
+        let _ = b.context().delete_stream(format!("{stream}_DLQ")).await;
     }
     if let Some(url) = database_url {
         let name = url.rsplit('/').next().unwrap_or_default().to_owned();

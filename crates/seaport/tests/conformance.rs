@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use seaport::Event;
 use seaport::broker::{Broker, BrokerError, ConsumerConfig, OutgoingMessage, PublishAck, Subscription};
 use seaport::consumer::{ConsumerRunner, Handler, HandlerContext, HandlerError, Outcome, RunnerConfig};
+use seaport::dead_letters::DeadLetterQueue;
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::outbox::{self, Outbox};
 use seaport::testing::{Fixture, Kind};
@@ -84,6 +85,10 @@ struct Recorder {
     worker: String,
     calls: Arc<AtomicUsize>,
     failures_left: Arc<Mutex<HashMap<String, usize>>>,
+    /// Events whose handler panics (while failures are left) instead of returning an error.
+    panics: Arc<Mutex<Vec<String>>>,
+    /// Events whose handler waits for this gate to open before doing anything.
+    gate: Option<(Vec<String>, Arc<tokio::sync::Semaphore>)>,
     delay: Duration,
 }
 
@@ -93,6 +98,8 @@ impl Recorder {
             worker: worker.to_owned(),
             calls: Arc::default(),
             failures_left: Arc::default(),
+            panics: Arc::default(),
+            gate: None,
             delay: Duration::ZERO,
         }
     }
@@ -105,9 +112,15 @@ impl Handler for Recorder {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
+        if let Some((ids, gate)) = &self.gate
+            && ids.contains(&event.id)
+        {
+            let _open = gate.acquire().await.unwrap();
+        }
         let at = CLOCK.fetch_add(1, Ordering::SeqCst);
-        seaport::on_conn!(&mut *ctx.tx, c => sqlx::query("INSERT INTO effects (consumer, event_id, worker, at) VALUES ($1, $2, $3, $4)")
-            .bind(ctx.consumer)
+        let consumer = ctx.consumer;
+        seaport::on_conn!(ctx.tx().await?, c => sqlx::query("INSERT INTO effects (consumer, event_id, worker, at) VALUES ($1, $2, $3, $4)")
+            .bind(consumer)
             .bind(&event.id)
             .bind(&self.worker)
             .bind(at)
@@ -117,6 +130,10 @@ impl Handler for Recorder {
         let mut f = self.failures_left.lock().unwrap();
         if let Some(n) = f.get_mut(&event.id).filter(|n| **n > 0) {
             *n -= 1;
+            if self.panics.lock().unwrap().contains(&event.id) {
+                drop(f);
+                panic!("boom in {}", event.id);
+            }
             return Err(format!("injected failure for {}", event.id).into());
         }
         Ok(())
@@ -173,6 +190,10 @@ conformance!(
     two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects,
     retention_deletes_only_old_published_rows_and_old_inbox_records,
     replayed_dead_letter_reaches_its_consumer_once_and_no_one_else,
+    backoff_delays_grow_and_redeliveries_wait_for_them,
+    panicking_handler_is_a_failed_attempt,
+    slow_handler_does_not_block_other_messages_of_the_group,
+    last_attempt_that_never_settled_still_ends_in_dead_letters,
 );
 
 async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
@@ -538,11 +559,10 @@ async fn message_that_keeps_failing_ends_in_dead_letters(kind: Kind) {
     drain(&f).await;
     let h = Recorder::new("w");
     h.failures_left.lock().unwrap().insert(events[0].id.clone(), usize::MAX);
-    let mut cfg = RunnerConfig::new(ConsumerConfig {
-        max_deliver: 3,
-        ..ConsumerConfig::new("poison", format!("{}.>", f.root))
-    });
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("poison", format!("{}.>", f.root)));
+    cfg.max_attempts = 3;
     cfg.base_backoff = Duration::from_millis(10);
+    cfg.dead_letter_queue = Some(DeadLetterQueue::beside(&f.stream, &f.root));
     let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(r.run(stopped));
@@ -560,6 +580,28 @@ async fn message_that_keeps_failing_ends_in_dead_letters(kind: Kind) {
         (events[0].id.as_str(), 3, "poison")
     );
     assert!(error.contains("injected failure"));
+    // The dead letter is also announced on the dead-letter stream, through the outbox.
+    drain(&f).await;
+    let dlq = DeadLetterQueue::beside(&f.stream, &f.root);
+    let mut sub = f
+        .broker
+        .subscribe(
+            &dlq.stream,
+            ConsumerConfig::new("dlq_reader", format!("{}.>", dlq.subject_prefix)),
+        )
+        .await
+        .unwrap();
+    let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1, "one announcement per dead letter");
+    assert_eq!(got[0].message.subject, dlq.subject("poison"));
+    let announced = Event::from_json(&got[0].message.payload).unwrap();
+    assert_eq!(announced.ty, seaport::dead_letters::DEAD_LETTER_EVENT);
+    assert_eq!(announced.causationid.as_deref(), Some(events[0].id.as_str()));
+    let data = announced.data.unwrap();
+    assert_eq!(data["message_id"], events[0].id.as_str());
+    assert_eq!(data["delivery_count"], 3);
+    assert_eq!(data["payload"]["id"], events[0].id.as_str());
+    assert!(data["last_error"].as_str().unwrap().contains("injected failure"));
     f.cleanup().await;
 }
 
@@ -685,10 +727,8 @@ async fn replayed_dead_letter_reaches_its_consumer_once_and_no_one_else(kind: Ki
     let poison = Recorder::new("p");
     poison.failures_left.lock().unwrap().insert(events[0].id.clone(), 2);
     let failures = poison.failures_left.clone();
-    let mut cfg = RunnerConfig::new(ConsumerConfig {
-        max_deliver: 2,
-        ..ConsumerConfig::new("fragile", format!("{}.>", f.root))
-    });
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("fragile", format!("{}.>", f.root)));
+    cfg.max_attempts = 2;
     cfg.base_backoff = Duration::from_millis(10);
     let (stop, stopped) = watch::channel(false);
     let fragile = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(poison));
@@ -744,4 +784,231 @@ async fn replayed_dead_letter_reaches_its_consumer_once_and_no_one_else(kind: Ki
         t.await.unwrap().unwrap();
     }
     f.cleanup().await;
+}
+
+async fn backoff_delays_grow_and_redeliveries_wait_for_them(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 1).await;
+    drain(&f).await;
+    let h = Recorder::new("w");
+    h.failures_left.lock().unwrap().insert(events[0].id.clone(), 4);
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("backoff", format!("{}.>", f.root)));
+    cfg.base_backoff = Duration::from_millis(100);
+    cfg.max_backoff = Duration::from_secs(10);
+    cfg.max_attempts = 10;
+    let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
+    let mut sub = r.subscribe().await.unwrap();
+    let mut delays = Vec::new();
+    let mut arrivals = Vec::new();
+    loop {
+        let batch = sub.fetch(1, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(batch.len(), 1, "the nak'ed message comes back");
+        arrivals.push(tokio::time::Instant::now());
+        match r.process(&batch[0]).await.unwrap() {
+            Outcome::Retry { delay, .. } => delays.push(delay),
+            Outcome::Processed => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delays.len(), 4);
+    for pair in delays.windows(2) {
+        assert!(pair[1] >= pair[0], "delays never shrink: {delays:?}");
+    }
+    // Equal jitter: attempt n waits between base·2^(n-1)/2 and base·2^(n-1).
+    for (n, d) in delays.iter().enumerate() {
+        let cap = Duration::from_millis(100) * (1 << n);
+        assert!(*d >= cap / 2 && *d <= cap, "attempt {}: {d:?}", n + 1);
+    }
+    assert!(delays[3] > delays[0] * 3, "{delays:?}");
+    // The broker held each redelivery back for (at least) the chosen delay.
+    for (i, d) in delays.iter().enumerate() {
+        let gap = arrivals[i + 1] - arrivals[i];
+        assert!(
+            gap + Duration::from_millis(5) >= *d,
+            "redelivery {} after {gap:?}, delay {d:?}",
+            i + 2
+        );
+    }
+    assert_eq!(effects(&f, "backoff").await.len(), 1);
+    f.cleanup().await;
+}
+
+async fn panicking_handler_is_a_failed_attempt(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_keyed(&f, &["a", "b"], 1).await;
+    drain(&f).await;
+    let h = Recorder::new("w");
+    // The first event panics once, then succeeds; the second panics on every attempt.
+    h.failures_left.lock().unwrap().insert(events[0].id.clone(), 1);
+    h.failures_left.lock().unwrap().insert(events[1].id.clone(), usize::MAX);
+    h.panics
+        .lock()
+        .unwrap()
+        .extend([events[0].id.clone(), events[1].id.clone()]);
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("panicky", format!("{}.>", f.root)));
+    cfg.base_backoff = Duration::from_millis(10);
+    cfg.max_attempts = 3;
+    let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(r.run(stopped));
+    wait_for("the dead letter", async || {
+        count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1
+    })
+    .await;
+    wait_for("the recovered event", async || effects(&f, "panicky").await.len() == 1).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        effects(&f, "panicky").await[0].0,
+        events[0].id,
+        "the effect of the panicking attempt was rolled back"
+    );
+    let dl = &seaport::dead_letters::list(&f.db).await.unwrap()[0];
+    assert_eq!((dl.message_id.as_str(), dl.delivery_count), (events[1].id.as_str(), 3));
+    assert!(dl.last_error.contains("handler panicked: boom in"), "{}", dl.last_error);
+    f.cleanup().await;
+}
+
+/// Two messages' handlers block until the test opens their gate (as many as there are workers,
+/// so a worker that processed one message at a time would be stuck on each); the other messages
+/// of the group must all be processed meanwhile. If a slow handler held up its worker's other
+/// messages, the gate would never open and the test would time out.
+async fn slow_handler_does_not_block_other_messages_of_the_group(kind: Kind) {
+    let f = setup(kind).await;
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let events = write_keyed(&f, &keys, 2).await;
+    drain(&f).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let slow: Vec<String> = vec![events[0].id.clone(), events[1].id.clone()];
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for worker in ["w1", "w2"] {
+        let mut h = Recorder::new(worker);
+        h.gate = Some((slow.clone(), gate.clone()));
+        let mut cfg = RunnerConfig::new(ConsumerConfig::new("sea_service__context", format!("{}.>", f.root)));
+        cfg.batch_size = 4;
+        let r = ConsumerRunner::new(
+            f.another_db().await,
+            f.another_broker().await,
+            &f.stream,
+            cfg,
+            Arc::new(h),
+        );
+        tasks.push(tokio::spawn(r.run(stopped.clone())));
+    }
+    let slow_keys = ["k0", "k1"];
+    let others: Vec<&str> = events
+        .iter()
+        .filter(|e| !slow_keys.contains(&e.subject.as_deref().unwrap()))
+        .map(|e| e.id.as_str())
+        .collect();
+    wait_for("every other key's messages while two handlers are stuck", async || {
+        let done = effects(&f, "sea_service__context").await;
+        others.iter().all(|id| done.iter().any(|(e, _)| e == id))
+    })
+    .await;
+    let done = effects(&f, "sea_service__context").await;
+    assert_eq!(
+        done.len(),
+        others.len(),
+        "the slow keys are still running, and their next messages wait behind them"
+    );
+    gate.add_permits(100);
+    wait_for("the slow keys", async || {
+        effects(&f, "sea_service__context").await.len() == events.len()
+    })
+    .await;
+    let done = effects(&f, "sea_service__context").await;
+    for (i, key) in slow_keys.iter().enumerate() {
+        let order: Vec<&str> = done
+            .iter()
+            .filter(|(e, _)| *e == events[i].id || *e == events[keys.len() + i].id)
+            .map(|(e, _)| e.as_str())
+            .collect();
+        assert_eq!(
+            order,
+            vec![events[i].id.as_str(), events[keys.len() + i].id.as_str()],
+            "order of {key}"
+        );
+    }
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    f.cleanup().await;
+}
+
+/// The worker holding the last attempt dies (here: takes it and never settles it). The broker
+/// must hand it out once more and the runner must dead-letter it without running the handler.
+async fn last_attempt_that_never_settled_still_ends_in_dead_letters(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 1).await;
+    drain(&f).await;
+    let h = Recorder::new("w");
+    h.failures_left.lock().unwrap().insert(events[0].id.clone(), 1);
+    let calls = h.calls.clone();
+    let mut consumer = ConsumerConfig::new("mortal", format!("{}.>", f.root));
+    consumer.ack_wait = Duration::from_secs(2);
+    let mut cfg = RunnerConfig::new(consumer);
+    cfg.max_attempts = 2;
+    cfg.base_backoff = Duration::from_millis(10);
+    cfg.dead_letter_queue = Some(DeadLetterQueue::beside(&f.stream, &f.root));
+    let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
+    let mut sub = r.subscribe().await.unwrap();
+    let first = sub.fetch(1, Duration::from_secs(5)).await.unwrap();
+    assert!(matches!(r.process(&first[0]).await.unwrap(), Outcome::Retry { .. }));
+    let last = sub.fetch(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(last[0].delivery_count, 2);
+    drop(last); // the worker died holding its last attempt
+    let again = sub.fetch(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(again.len(), 1, "a delivery beyond the attempts is still handed out");
+    assert_eq!(again[0].delivery_count, 3);
+    let outcome = r.process(&again[0]).await.unwrap();
+    assert!(
+        matches!(&outcome, Outcome::DeadLettered { error } if error.contains("never settled")),
+        "{outcome:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler did not run a third time");
+    let dl = &seaport::dead_letters::list(&f.db).await.unwrap()[0];
+    assert_eq!((dl.message_id.as_str(), dl.delivery_count), (events[0].id.as_str(), 3));
+    assert!(
+        sub.fetch(1, Duration::from_secs(3)).await.unwrap().is_empty(),
+        "settled once dead-lettered"
+    );
+    // Processing the same delivery again (a worker that died after storing, before acking) keeps
+    // one dead letter.
+    r.process(&again[0]).await.unwrap();
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await, 1);
+    assert_eq!(
+        count(
+            &f,
+            "SELECT COUNT(*) FROM seaport_outbox WHERE topic LIKE '%_dlq.mortal'"
+        )
+        .await,
+        1,
+        "announced once"
+    );
+    assert_eq!(effects(&f, "mortal").await.len(), 0);
+    f.cleanup().await;
+}
+
+/// Configuration only: no backend involved.
+#[test]
+fn inbox_retention_shorter_than_the_redelivery_horizon_is_refused() {
+    let mut consumer = ConsumerConfig::new("c", "x.>");
+    consumer.ack_wait = Duration::from_secs(60);
+    let mut cfg = RunnerConfig::new(consumer);
+    cfg.max_attempts = 4;
+    cfg.max_backoff = Duration::from_secs(30);
+    // Each of 4 attempts (+ the one that finds the last unsettled) may take the ack wait plus
+    // the longest backoff.
+    assert_eq!(cfg.redelivery_horizon(), Duration::from_secs(5 * 90));
+    let mut retention = seaport::retention::RetentionConfig {
+        inbox: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let err = retention.check_inbox_covers(cfg.redelivery_horizon()).unwrap_err();
+    assert!(err.to_string().contains("shorter than the redelivery horizon"), "{err}");
+    retention.inbox = Duration::from_secs(3600);
+    retention.check_inbox_covers(cfg.redelivery_horizon()).unwrap();
 }

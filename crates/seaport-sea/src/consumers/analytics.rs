@@ -12,12 +12,13 @@ pub struct Analytics;
 #[async_trait]
 impl Handler for Analytics {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
+        let consumer = ctx.consumer;
         let day = event
             .time
             .unwrap_or_else(chrono::Utc::now)
             .format("%Y-%m-%d")
             .to_string();
-        let count: i64 = on_conn!(&mut *ctx.tx, c => sqlx::query_scalar(
+        let count: i64 = on_conn!(ctx.tx().await?, c => sqlx::query_scalar(
             "INSERT INTO analytics_counts (event_type, day, count) VALUES ($1, $2, 1)
              ON CONFLICT (event_type, day) DO UPDATE SET count = analytics_counts.count + 1
              RETURNING count",
@@ -27,8 +28,8 @@ impl Handler for Analytics {
         .fetch_one(c)
         .await)?;
         record_effect(
-            ctx.tx,
-            ctx.consumer,
+            ctx.tx().await?,
+            consumer,
             event,
             &format!("counted {} on {day} (now {count})", event.ty),
         )

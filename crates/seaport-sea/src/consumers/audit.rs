@@ -13,12 +13,13 @@ pub struct Audit;
 #[async_trait]
 impl Handler for Audit {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
+        let consumer = ctx.consumer;
         let time = event
             .time
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
         let envelope = String::from_utf8_lossy(&event.to_json()).into_owned();
         let at = now();
-        let seq: i64 = on_conn!(&mut *ctx.tx, c => sqlx::query_scalar(
+        let seq: i64 = on_conn!(ctx.tx().await?, c => sqlx::query_scalar(
             "INSERT INTO audit_log (event_id, event_type, source, subject, correlation_id, causation_id, event_time, recorded_at, envelope)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING seq",
         )
@@ -33,7 +34,13 @@ impl Handler for Audit {
         .bind(&envelope)
         .fetch_one(c)
         .await)?;
-        record_effect(ctx.tx, ctx.consumer, event, &format!("appended audit entry #{seq}")).await?;
+        record_effect(
+            ctx.tx().await?,
+            consumer,
+            event,
+            &format!("appended audit entry #{seq}"),
+        )
+        .await?;
         Ok(())
     }
 }

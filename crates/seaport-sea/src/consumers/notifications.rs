@@ -19,6 +19,7 @@ pub struct Notifications {
 #[async_trait]
 impl Handler for Notifications {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
+        let consumer = ctx.consumer;
         if event.ty != CASE_CREATED {
             return Ok(()); // nothing to notify about; the inbox still records that we saw it
         }
@@ -28,7 +29,7 @@ impl Handler for Notifications {
             .as_str()
             .ok_or("case event without data.customer_id")?;
         let at = now();
-        let id: i64 = on_conn!(&mut *ctx.tx, c => sqlx::query_scalar(
+        let id: i64 = on_conn!(ctx.tx().await?, c => sqlx::query_scalar(
             "INSERT INTO notifications (event_id, case_id, recipient, template, created_at)
              VALUES ($1, $2, $3, 'case_created', $4) RETURNING id",
         )
@@ -46,8 +47,8 @@ impl Handler for Notifications {
         .with_subject(case_id);
         ctx.emit_to(&self.topics.topic(NOTIFICATION_QUEUED), queued).await?;
         record_effect(
-            ctx.tx,
-            ctx.consumer,
+            ctx.tx().await?,
+            consumer,
             event,
             &format!("queued notification #{id} (case_created) for customer {recipient}"),
         )

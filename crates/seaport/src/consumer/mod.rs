@@ -1,0 +1,453 @@
+//! The consumer runner: a handler is a function of (context, event); delivery policy is
+//! [`middleware`] around it (inbox dedupe, dead letters, retry with backoff, timeout, panic
+//! catching, correlation). The runner itself only fetches, dispatches and settles: it commits
+//! the transaction the chain used, then acks; on failure it rolls back and naks with the delay
+//! the chain chose.
+//!
+//! Several runners with the same durable name form a consumer group (`{service}__{context}`):
+//! each message goes to one of them. Runners with different names each see every message
+//! (fan-out, `{consumer}__from_{source}`); see [`crate::naming`].
+//!
+//! Inside one runner, messages are processed concurrently (up to `concurrency`), except that
+//! events with the same CloudEvents `subject` (the ordering key the outbox partitions by) run one
+//! after the other, in delivery order: a slow handler holds up its own key, not the group.
+
+pub mod middleware;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, BrokerError, ConsumerConfig, Delivery, Message};
+use crate::crash::crash_point;
+use crate::dead_letters::{self, DeadLetterQueue};
+use crate::event::Event;
+use crate::outbox::{Outbox, OutboxError};
+use crate::store::{Db, Tx};
+
+pub use self::middleware::{Backoff, Middleware, Next};
+
+/// What a handler may fail with; the message is retried, then dead-lettered with this text.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The business logic of a consumer. Everything it writes through `ctx.tx()` commits together
+/// with the inbox record, or not at all.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError>;
+}
+
+/// What the chain decided about a delivery that did not fail.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// The handler ran; commit its writes, then ack.
+    Processed,
+    /// Already processed by this consumer; ack, write nothing.
+    Duplicate,
+    /// A dead-letter replay addressed to another consumer; ack, write nothing.
+    NotForThisConsumer,
+    /// Stored as a dead letter (in the transaction); commit, then ack.
+    DeadLettered(String),
+}
+
+/// What a handler (and middleware) gets besides the event.
+pub struct HandlerContext<'a> {
+    /// The durable name of this consumer.
+    pub consumer: &'a str,
+    /// The message as delivered (subject, headers, stream position).
+    pub message: &'a Message,
+    /// 1 on the first attempt, 2 on the first retry, ...
+    pub delivery_count: u32,
+    store: &'a Db,
+    outbox: &'a Outbox,
+    parent: &'a Event,
+    tx: Option<Tx>,
+    propagate_correlation: bool,
+    retry_delay: Option<Duration>,
+    verdict: Verdict,
+}
+
+impl HandlerContext<'_> {
+    /// The transaction of this delivery, begun on first use: a handler that only calls out (or
+    /// sleeps) holds no write lock meanwhile. The inbox record joins it after the handler.
+    pub async fn tx(&mut self) -> Result<&mut Tx, sqlx::Error> {
+        if self.tx.is_none() {
+            self.tx = Some(self.store.begin_write().await?);
+        }
+        Ok(self.tx.as_mut().expect("just set"))
+    }
+
+    /// The database, for reads outside the transaction.
+    pub fn store(&self) -> &Db {
+        self.store
+    }
+
+    /// Roll back what this delivery wrote so far; a later `tx()` starts afresh.
+    pub async fn discard_writes(&mut self) -> Result<(), sqlx::Error> {
+        match self.tx.take() {
+            Some(tx) => tx.rollback().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Write a follow-up event to the outbox in this delivery's transaction; with the
+    /// [`Correlation`](middleware::Correlation) middleware (in the default stack) it carries the
+    /// consumed event's correlation id, its id as causation id, and a child traceparent.
+    pub async fn emit(&mut self, event: Event) -> Result<i64, OutboxError> {
+        let event = self.stamp(event);
+        let outbox = self.outbox;
+        outbox.insert(self.tx().await?, &event).await
+    }
+
+    /// Like [`emit`](Self::emit), published under `topic` instead of the event type.
+    pub async fn emit_to(&mut self, topic: &str, event: Event) -> Result<i64, OutboxError> {
+        let event = self.stamp(event);
+        let outbox = self.outbox;
+        outbox.insert_to(self.tx().await?, topic, &event).await
+    }
+
+    fn stamp(&self, event: Event) -> Event {
+        if self.propagate_correlation {
+            event.caused_by(self.parent)
+        } else {
+            event
+        }
+    }
+
+    pub fn verdict(&self) -> &Verdict {
+        &self.verdict
+    }
+
+    pub fn set_verdict(&mut self, verdict: Verdict) {
+        self.verdict = verdict;
+    }
+
+    /// On failure, ask the broker to redeliver after `delay` (default: at once).
+    pub fn retry_after(&mut self, delay: Duration) {
+        self.retry_delay = Some(delay);
+    }
+}
+
+/// The runner's settings and the default middleware stack they configure.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Durable name, subject filter and ack wait. (`max_deliver` is not used: the runner
+    /// subscribes with unlimited deliveries and enforces `max_attempts` itself.)
+    pub consumer: ConsumerConfig,
+    /// Messages claimed per fetch.
+    pub batch_size: usize,
+    /// Messages processed at once by this runner (different ordering keys only).
+    pub concurrency: usize,
+    /// Failed attempts before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay after the first failure; doubles per attempt, with jitter, up to `max_backoff`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// An attempt running longer than this fails.
+    pub handler_timeout: Duration,
+    /// Where dead letters are also announced as events (besides the table), if anywhere.
+    pub dead_letter_queue: Option<DeadLetterQueue>,
+}
+
+impl RunnerConfig {
+    pub fn new(consumer: ConsumerConfig) -> Self {
+        RunnerConfig {
+            consumer,
+            batch_size: 16,
+            concurrency: 16,
+            max_attempts: 5,
+            base_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(10),
+            dead_letter_queue: None,
+        }
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.base_backoff,
+            max: self.max_backoff,
+        }
+    }
+
+    /// How long after its first delivery a message can still arrive as a redelivery: every
+    /// attempt may use up the ack wait (a dead worker) plus the backoff before the next one.
+    /// Inbox records must be kept longer than this (see [`crate::retention`]).
+    pub fn redelivery_horizon(&self) -> Duration {
+        let per_attempt = self.consumer.ack_wait.max(self.handler_timeout) + self.max_backoff;
+        per_attempt * (self.max_attempts + 1)
+    }
+
+    /// The default stack, outermost first (see [`middleware`]).
+    pub fn middleware(&self) -> Vec<Arc<dyn Middleware>> {
+        vec![
+            Arc::new(middleware::Correlation),
+            Arc::new(middleware::InboxDedupe),
+            Arc::new(middleware::DeadLetter {
+                max_attempts: self.max_attempts,
+                queue: self.dead_letter_queue.clone(),
+            }),
+            Arc::new(middleware::Retry(self.backoff())),
+            Arc::new(middleware::Timeout(self.handler_timeout)),
+            Arc::new(middleware::CatchPanic),
+        ]
+    }
+}
+
+/// What happened to one delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Processed,
+    Duplicate,
+    NotForThisConsumer,
+    Retry { delay: Duration, error: String },
+    DeadLettered { error: String },
+}
+
+/// A delivery waiting behind another of its ordering key, holding its concurrency slot.
+type Waiting = (Delivery, Result<Event, String>, OwnedSemaphorePermit);
+
+pub struct ConsumerRunner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Db,
+    broker: Arc<dyn Broker>,
+    stream: String,
+    config: RunnerConfig,
+    handler: Arc<dyn Handler>,
+    middleware: Vec<Arc<dyn Middleware>>,
+    outbox: Outbox,
+    /// Ordering keys in flight, each with the deliveries waiting behind it.
+    lanes: Mutex<HashMap<String, VecDeque<Waiting>>>,
+}
+
+impl ConsumerRunner {
+    /// A runner with the default middleware stack of `config`.
+    pub fn new(
+        store: impl Into<Db>,
+        broker: Arc<dyn Broker>,
+        stream: &str,
+        config: RunnerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        let middleware = config.middleware();
+        Self::with_middleware(store, broker, stream, config, middleware, handler)
+    }
+
+    /// A runner with your own middleware stack (outermost first). Without
+    /// [`InboxDedupe`](middleware::InboxDedupe) a redelivery runs the handler again; without
+    /// [`DeadLetter`](middleware::DeadLetter) a poison message is retried forever.
+    pub fn with_middleware(
+        store: impl Into<Db>,
+        broker: Arc<dyn Broker>,
+        stream: &str,
+        config: RunnerConfig,
+        middleware: Vec<Arc<dyn Middleware>>,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        ConsumerRunner {
+            inner: Arc::new(Inner {
+                store: store.into(),
+                broker,
+                stream: stream.to_owned(),
+                config,
+                handler,
+                middleware,
+                outbox: Outbox::new(),
+                lanes: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.consumer.durable
+    }
+
+    /// The subscription this runner uses: its consumer config with unlimited broker deliveries.
+    pub async fn subscribe(&self) -> Result<Box<dyn crate::broker::Subscription>, BrokerError> {
+        let mut consumer = self.inner.config.consumer.clone();
+        consumer.max_deliver = u32::MAX;
+        if let Some(q) = &self.inner.config.dead_letter_queue {
+            self.inner
+                .broker
+                .ensure_stream(&q.stream, &[&format!("{}.>", q.subject_prefix)])
+                .await?;
+        }
+        self.inner.broker.subscribe(&self.inner.stream, consumer).await
+    }
+
+    /// Consume until `shutdown` turns `true`; then stop fetching and let the deliveries in hand
+    /// finish (anything unsettled is redelivered after its ack wait).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
+        let inner = self.inner.clone();
+        if inner.config.handler_timeout >= inner.config.consumer.ack_wait {
+            tracing::warn!(consumer = %self.name(), timeout = ?inner.config.handler_timeout, ack_wait = ?inner.config.consumer.ack_wait,
+                "handler timeout is not below the ack wait: a slow attempt may be redelivered to another worker while it runs");
+        }
+        let mut sub = self.subscribe().await?;
+        let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            // Wait for a free slot, then claim as many messages as there are free slots.
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.changed() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < inner.config.batch_size.max(1) {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = tokio::select! {
+                b = sub.fetch(permits.len(), Duration::from_secs(1)) => b,
+                _ = shutdown.changed() => break,
+            };
+            while tasks.try_join_next().is_some() {}
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name(), error = %e, "fetch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            for delivery in batch {
+                let permit = permits.pop().expect("fetched no more than the free slots");
+                Inner::dispatch(&inner, delivery, permit, &mut tasks);
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Run the chain for one delivery and settle it with the broker.
+    pub async fn process(&self, delivery: &Delivery) -> Result<Outcome, BrokerError> {
+        let event = decode(&delivery.message);
+        self.inner.process(delivery, event).await
+    }
+}
+
+fn decode(message: &Message) -> Result<Event, String> {
+    Event::from_json(&message.payload).map_err(|e| format!("undecodable event: {e}"))
+}
+
+impl Inner {
+    /// Start `delivery` now, or queue it behind the delivery of the same ordering key in flight.
+    fn dispatch(self: &Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit, tasks: &mut JoinSet<()>) {
+        let event = decode(&delivery.message);
+        let key = match &event {
+            Ok(e) => e.subject.clone().unwrap_or_else(|| e.id.clone()),
+            Err(_) => delivery.message.id.clone(),
+        };
+        {
+            let mut lanes = self.lanes.lock().expect("lanes lock");
+            if let Some(queue) = lanes.get_mut(&key) {
+                queue.push_back((delivery, event, permit));
+                return;
+            }
+            lanes.insert(key.clone(), VecDeque::new());
+        }
+        let me = self.clone();
+        tasks.spawn(async move {
+            let mut next = Some((delivery, event, permit));
+            while let Some((delivery, event, permit)) = next {
+                if let Err(e) = me.process(&delivery, event).await {
+                    // Storage or broker trouble: leave it unsettled; the ack wait redelivers it.
+                    tracing::warn!(consumer = %me.config.consumer.durable, error = %e, "processing failed");
+                }
+                drop(permit);
+                let mut lanes = me.lanes.lock().expect("lanes lock");
+                next = lanes.get_mut(&key).and_then(|q| q.pop_front());
+                if next.is_none() {
+                    lanes.remove(&key);
+                }
+            }
+        });
+    }
+
+    async fn process(&self, delivery: &Delivery, event: Result<Event, String>) -> Result<Outcome, BrokerError> {
+        let consumer = self.config.consumer.durable.as_str();
+        let event = match event {
+            Ok(e) => e,
+            Err(error) => {
+                // A message that can never be decoded gains nothing from retries.
+                let mut tx = self.store.begin_write().await?;
+                dead_letters::record(
+                    &mut tx,
+                    consumer,
+                    &delivery.message,
+                    delivery.delivery_count,
+                    &error,
+                    self.config.dead_letter_queue.as_ref(),
+                    None,
+                )
+                .await
+                .map_err(|e| BrokerError::Unavailable(format!("cannot store the dead letter: {e}")))?;
+                tx.commit().await?;
+                delivery.ack().await?;
+                return Ok(Outcome::DeadLettered { error });
+            }
+        };
+        let mut ctx = HandlerContext {
+            consumer,
+            message: &delivery.message,
+            delivery_count: delivery.delivery_count,
+            store: &self.store,
+            outbox: &self.outbox,
+            parent: &event,
+            tx: None,
+            propagate_correlation: false,
+            retry_delay: None,
+            verdict: Verdict::Processed,
+        };
+        let result = Next::new(&self.middleware, &*self.handler).run(&mut ctx, &event).await;
+        let (tx, verdict, retry_delay) = (ctx.tx.take(), ctx.verdict.clone(), ctx.retry_delay);
+        match result {
+            Ok(()) => {
+                match verdict {
+                    Verdict::Processed | Verdict::DeadLettered(_) => {
+                        if let Some(tx) = tx {
+                            crash_point("consumer.before_commit");
+                            tx.commit().await?;
+                        }
+                        crash_point("consumer.after_commit");
+                    }
+                    Verdict::Duplicate | Verdict::NotForThisConsumer => {
+                        if let Some(tx) = tx {
+                            tx.rollback().await?;
+                        }
+                    }
+                }
+                delivery.ack().await?;
+                Ok(match verdict {
+                    Verdict::Processed => Outcome::Processed,
+                    Verdict::Duplicate => Outcome::Duplicate,
+                    Verdict::NotForThisConsumer => Outcome::NotForThisConsumer,
+                    Verdict::DeadLettered(error) => Outcome::DeadLettered { error },
+                })
+            }
+            Err(error) => {
+                if let Some(tx) = tx {
+                    tx.rollback().await?;
+                }
+                let delay = retry_delay.unwrap_or(Duration::ZERO);
+                delivery.nak(delay).await?;
+                Ok(Outcome::Retry {
+                    delay,
+                    error: error.to_string(),
+                })
+            }
+        }
+    }
+}
