@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::consumers::{ANALYTICS, AUDIT, Analytics, Audit, NOTIFICATIONS, Notifications};
+use crate::consumers::{ANALYTICS, AUDIT, Analytics, Audit, CONTEXT, NOTIFICATIONS, Notifications, ServiceContext};
 
 /// The service's migrations (its own tables; Seaport's come with the library).
 pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -318,24 +318,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     if config.role.worker() {
-        let handlers: [(&str, Arc<dyn Handler>); 3] = [
-            (ANALYTICS, Arc::new(Analytics)),
+        let all = config.topics.filter();
+        let handlers: [(&str, String, Arc<dyn Handler>); 4] = [
+            (ANALYTICS, all.clone(), Arc::new(Analytics)),
             (
                 NOTIFICATIONS,
+                all.clone(),
                 Arc::new(Notifications {
                     topics: config.topics.clone(),
                 }),
             ),
-            (AUDIT, Arc::new(Audit)),
+            (AUDIT, all, Arc::new(Audit)),
+            (
+                CONTEXT,
+                ServiceContext::filter(&config.topics),
+                Arc::new(ServiceContext {
+                    topics: config.topics.clone(),
+                }),
+            ),
         ];
-        for (name, handler) in handlers {
-            let runner = ConsumerRunner::new(
-                store.clone(),
-                broker.clone(),
-                &config.stream,
-                config.runner_config(name),
-                handler,
-            );
+        for (name, filter, handler) in handlers {
+            let mut runner_config = config.runner_config(name);
+            runner_config.consumer.filter_subject = filter;
+            let runner = ConsumerRunner::new(store.clone(), broker.clone(), &config.stream, runner_config, handler);
             let r = stopped.clone();
             tasks.spawn(async move { runner.run(r).await.with_context(|| format!("consumer {name} failed")) });
         }

@@ -103,6 +103,37 @@ async fn api_relay_and_worker_roles_scale_separately() {
         .unwrap();
     assert_eq!(trace["events"][0]["consumers"].as_array().unwrap().len(), 3);
 
+    // The sea_service__context group, run by both worker instances: each webhook once.
+    let mut webhooks = Vec::new();
+    for i in 0..10 {
+        let e = seaport::Event::new(
+            "sea.webhooks.received",
+            "/webhooks/github",
+            json!({"source": "github", "event_type": "push", "payload": {"n": i}}),
+        )
+        .with_subject(format!("github:{i}"));
+        let mut tx = api1.db.begin_write().await.unwrap();
+        seaport::outbox::Outbox::new()
+            .insert_to(&mut tx, &api1.topic("sea.webhooks.received"), &e)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        webhooks.push(e);
+    }
+    wait_for("the group to process the webhooks", async || {
+        api1.count("SELECT COUNT(*) FROM consumer_effects WHERE consumer = 'sea_service__context'")
+            .await
+            == 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        api1.count("SELECT COUNT(DISTINCT event_id) FROM consumer_effects WHERE consumer = 'sea_service__context'")
+            .await,
+        10,
+        "each webhook processed once by the group"
+    );
+
     for r in [api_a, api_b, worker_probe, worker2] {
         r.shutdown().await.unwrap();
     }

@@ -8,7 +8,12 @@
 use std::sync::OnceLock;
 
 /// Names of the points compiled into the library, for documentation and validation.
-pub const POINTS: &[&str] = &["relay.before_publish", "relay.after_publish", "consumer.after_commit"];
+pub const POINTS: &[&str] = &[
+    "relay.before_publish",
+    "relay.after_publish",
+    "consumer.before_commit",
+    "consumer.after_commit",
+];
 
 static CRASH_AT: OnceLock<Option<String>> = OnceLock::new();
 

@@ -9,7 +9,8 @@
 //! | [`outbox`] (+ [`outbox::relay`]) | Outbox + Publish |
 //! | [`inbox`] | Inbox + Idempotency |
 //! | [`broker`] (`embedded`) | the transport behind Consumer Groups and Fan-out |
-//! | [`consumer`] | the runner and its delivery policy: groups, fan-out, retry, dead letters |
+//! | [`consumer`] (+ [`consumer::middleware`]) | the runner; delivery policy as middleware: inbox dedupe, retry, dead letters, timeout, panics, correlation |
+//! | [`dead_letters`], [`naming`], [`retention`] | dead letters and replay; group and fan-out names; bounded cleanup |
 //! | [`http`] (`correlation`, `idempotency`, `pagination`, `problem`) | Correlation Tracking, Idempotency Key, Pagination |
 //! | [`store`] (`sqlite`) | the SQL behind all of the above |
 

@@ -17,6 +17,9 @@ pub struct Case {
     pub status: String,
     pub correlation_id: String,
     pub created_at: String,
+    /// When a payment for the case was confirmed (RFC 3339); absent while unpaid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_at: Option<String>,
 }
 
 /// The body of `POST /cases`. Unknown fields are refused so typos do not pass silently.

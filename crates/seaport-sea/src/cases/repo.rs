@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Case, NewCase};
 
-const COLUMNS: &str = "id, title, description, customer_id, status, correlation_id, created_at";
+const COLUMNS: &str = "id, title, description, customer_id, status, correlation_id, created_at, paid_at";
 
 pub async fn insert<'c>(tx: impl Into<Conn<'c>>, new: NewCase, correlation_id: &str) -> Result<Case, sqlx::Error> {
     let case = Case {
@@ -18,6 +18,7 @@ pub async fn insert<'c>(tx: impl Into<Conn<'c>>, new: NewCase, correlation_id: &
         status: "open".to_owned(),
         correlation_id: correlation_id.to_owned(),
         created_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        paid_at: None,
     };
     on_conn!(tx, c => sqlx::query(
         "INSERT INTO cases (id, title, description, customer_id, status, correlation_id, created_at)
@@ -66,4 +67,15 @@ struct Keyed {
     seq: i64,
     #[sqlx(flatten)]
     case: Case,
+}
+
+/// Record a confirmed payment (the first confirmation wins). `false`: no such case.
+pub async fn mark_paid<'c>(tx: impl Into<Conn<'c>>, id: &str, at: &str) -> Result<bool, sqlx::Error> {
+    let n = on_conn!(tx, c => sqlx::query("UPDATE cases SET paid_at = COALESCE(paid_at, $2) WHERE id = $1")
+        .bind(id)
+        .bind(at)
+        .execute(c)
+        .await?
+        .rows_affected());
+    Ok(n == 1)
 }

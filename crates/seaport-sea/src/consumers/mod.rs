@@ -1,8 +1,13 @@
-//! The fan-out consumers of the sea service. Each has its own durable name
-//! (`{consumer}__from_{source}`), so each sees every event on `sea.>`; each has its own inbox.
+//! The consumers of the sea service.
+//!
+//! Fan-out: analytics, notifications and audit each have their own durable name
+//! (`{consumer}__from_{source}`), so each sees every event on `sea.>`, with its own inbox.
+//! Consumer group: `sea_service__context` (see [`context`]), one durable name shared by every
+//! worker instance, so each webhook is processed by one of them.
 
 pub mod analytics;
 pub mod audit;
+pub mod context;
 pub mod notifications;
 
 use chrono::{SecondsFormat, Utc};
@@ -12,11 +17,13 @@ use seaport::store::Tx;
 
 pub use analytics::Analytics;
 pub use audit::Audit;
+pub use context::ServiceContext;
 pub use notifications::Notifications;
 
 pub const ANALYTICS: &str = "analytics__from_sea";
 pub const NOTIFICATIONS: &str = "notifications__from_sea";
 pub const AUDIT: &str = "audit__from_sea";
+pub const CONTEXT: &str = "sea_service__context";
 
 /// Record what a consumer did for an event (for `/trace` and the exactly-once checks), in the
 /// handler's transaction.
@@ -42,6 +49,14 @@ pub fn now() -> String {
 #[cfg(test)]
 mod tests {
     use seaport::naming::{DurableName, parse};
+
+    #[test]
+    fn the_context_group_follows_the_group_convention() {
+        assert!(
+            matches!(parse(super::CONTEXT), Ok(DurableName::Group { ref service, ref context })
+            if service == "sea_service" && context == "context")
+        );
+    }
 
     #[test]
     fn consumer_names_follow_the_fan_out_convention() {
