@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::consumers::{ANALYTICS, AUDIT, Analytics, Audit, CONTEXT, NOTIFICATIONS, Notifications, ServiceContext};
+use crate::crm::CrmClient;
 
 /// The service's migrations (its own tables; Seaport's come with the library).
 pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -113,6 +114,10 @@ pub struct Config {
     pub ack_wait: Duration,
     /// Failed attempts before a message goes to the dead letters.
     pub max_attempts: u32,
+    /// The CRM customers are looked up in (`None`: cases are opened `unverified`).
+    pub crm_url: Option<String>,
+    /// Longest wait for one CRM answer.
+    pub crm_timeout: Duration,
     pub retention: RetentionConfig,
 }
 
@@ -130,6 +135,8 @@ impl Config {
             idempotency_retention: Duration::from_secs(24 * 3600),
             ack_wait: Duration::from_secs(30),
             max_attempts: 5,
+            crm_url: None,
+            crm_timeout: Duration::from_secs(2),
             retention: RetentionConfig::default(),
         }
     }
@@ -180,6 +187,8 @@ pub struct AppState {
     pub idempotency_retention: Duration,
     /// Signs and checks pagination cursors (key shared through the database).
     pub cursors: CursorCodec,
+    /// The CRM behind the anti-corruption layer and its breaker; `None`: customers unverified.
+    pub crm: Option<CrmClient>,
 }
 
 /// Open the database (creating a SQLite file if needed), apply Seaport's and the service's
@@ -354,6 +363,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         cursors: CursorCodec::from_db(&store)
             .await
             .context("cannot load the cursor key")?,
+        crm: config
+            .crm_url
+            .as_deref()
+            .map(|url| CrmClient::new(url, config.crm_timeout))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let app = router(state, config.role);
     let mut r = stopped.clone();

@@ -10,5 +10,6 @@ pub mod app;
 pub mod bench;
 pub mod cases;
 pub mod consumers;
+pub mod crm;
 pub mod openapi;
 pub mod trace;

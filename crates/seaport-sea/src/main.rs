@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use seaport_sea::app::{self, Config, Role};
 
@@ -60,6 +61,28 @@ enum Command {
         /// Failed attempts before a message goes to the dead letters (`seaport dlq list`).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
         max_attempts: u32,
+        /// The CRM customers are looked up in (behind a circuit breaker; cached or `unverified`
+        /// fallback), e.g. http://127.0.0.1:8090 from `seaport demo-crm`.
+        #[arg(long, env = "SEAPORT_CRM_URL")]
+        crm_url: Option<String>,
+        /// Longest wait for one CRM answer, in milliseconds.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60000))]
+        crm_timeout_ms: u64,
+    },
+    /// Run a small stand-in CRM (the external model: cust_id, full_name, email_address) for
+    /// demos and tests, with injectable latency, outages and malformed records.
+    DemoCrm {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Share of requests answered 503, 0.0-1.0.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        failure_rate: f64,
+        /// Share of answers with a malformed record, 0.0-1.0.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        bad_data_rate: f64,
     },
     /// Inspect the outbox.
     Outbox {
@@ -178,6 +201,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             idempotency_retention_hours,
             ack_wait_secs,
             max_attempts,
+            crm_url,
+            crm_timeout_ms,
             nats_url,
             role,
             stream,
@@ -203,11 +228,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.idempotency_retention = Duration::from_secs(idempotency_retention_hours * 3600);
             config.ack_wait = Duration::from_secs(ack_wait_secs);
             config.max_attempts = max_attempts;
+            config.crm_url = crm_url;
+            config.crm_timeout = Duration::from_millis(crm_timeout_ms);
             config.retention.outbox = Duration::from_secs(outbox_retention_hours * 3600);
             config.retention.inbox = Duration::from_secs(inbox_retention_hours * 3600);
             let running = app::start(config).await?;
             println!("seaport listening on http://{}", running.addr);
             running.until(shutdown_signal()).await
+        }
+        Command::DemoCrm {
+            listen,
+            latency_ms,
+            failure_rate,
+            bad_data_rate,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let config = seaport_sea::crm::demo::DemoCrmConfig {
+                latency: Duration::from_millis(latency_ms),
+                failure_rate,
+                bad_data_rate,
+            };
+            println!("demo CRM listening on http://{}", listener.local_addr()?);
+            axum::serve(listener, seaport_sea::crm::demo::router(config))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+            Ok(())
         }
         Command::Outbox {
             command: OutboxCommand::Status { json },
@@ -414,4 +461,11 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down");
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a rate between 0.0 and 1.0")),
+    }
 }

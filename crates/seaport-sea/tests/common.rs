@@ -24,6 +24,11 @@ impl TestService {
     }
 
     pub async fn start_on(kind: Kind) -> Self {
+        Self::start_with(kind, |_| {}).await
+    }
+
+    /// Start with settings changed by `configure` (after the test defaults are applied).
+    pub async fn start_with(kind: Kind, configure: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::embedded(dir.path());
         config.listen = "127.0.0.1:0".parse().unwrap();
@@ -37,6 +42,7 @@ impl TestService {
                 root: format!("s{tag}"),
             };
         }
+        configure(&mut config);
         let running = app::start(config.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);
         let db = app::open_store(&config).await.unwrap();

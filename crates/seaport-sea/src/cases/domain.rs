@@ -17,6 +17,15 @@ pub struct Case {
     pub status: String,
     pub correlation_id: String,
     pub created_at: String,
+    /// How the customer was checked when the case was opened: `verified` (the CRM answered),
+    /// `cached` (the CRM could not be asked; its last answer was used), `unverified`.
+    #[schema(value_type = crate::crm::CustomerCheck)]
+    pub customer_check: String,
+    /// The customer's name and email as known when the case was opened (absent if unverified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_email: Option<String>,
     /// When a payment for the case was confirmed (RFC 3339); absent while unpaid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paid_at: Option<String>,

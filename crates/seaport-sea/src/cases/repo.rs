@@ -6,10 +6,16 @@ use seaport::{on_conn, on_pool};
 use uuid::Uuid;
 
 use super::{Case, NewCase};
+use crate::crm::CheckedCustomer;
 
-const COLUMNS: &str = "id, title, description, customer_id, status, correlation_id, created_at, paid_at";
+const COLUMNS: &str = "id, title, description, customer_id, status, correlation_id, created_at, customer_check, customer_name, customer_email, paid_at";
 
-pub async fn insert<'c>(tx: impl Into<Conn<'c>>, new: NewCase, correlation_id: &str) -> Result<Case, sqlx::Error> {
+pub async fn insert<'c>(
+    tx: impl Into<Conn<'c>>,
+    new: NewCase,
+    checked: &CheckedCustomer,
+    correlation_id: &str,
+) -> Result<Case, sqlx::Error> {
     let case = Case {
         id: Uuid::now_v7().to_string(),
         title: new.title,
@@ -18,11 +24,15 @@ pub async fn insert<'c>(tx: impl Into<Conn<'c>>, new: NewCase, correlation_id: &
         status: "open".to_owned(),
         correlation_id: correlation_id.to_owned(),
         created_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        customer_check: checked.check.as_str().to_owned(),
+        customer_name: checked.customer.as_ref().map(|c| c.name.clone()),
+        customer_email: checked.customer.as_ref().map(|c| c.email.to_string()),
         paid_at: None,
     };
     on_conn!(tx, c => sqlx::query(
-        "INSERT INTO cases (id, title, description, customer_id, status, correlation_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO cases (id, title, description, customer_id, status, correlation_id, created_at,
+                            customer_check, customer_name, customer_email)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&case.id)
     .bind(&case.title)
@@ -31,6 +41,9 @@ pub async fn insert<'c>(tx: impl Into<Conn<'c>>, new: NewCase, correlation_id: &
     .bind(&case.status)
     .bind(&case.correlation_id)
     .bind(&case.created_at)
+    .bind(&case.customer_check)
+    .bind(&case.customer_name)
+    .bind(&case.customer_email)
     .execute(c)
     .await
     .map(|_| ()))?;

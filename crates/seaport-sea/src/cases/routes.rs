@@ -17,6 +17,7 @@ use seaport::http::{IdempotencyLayer, IdempotentTx};
 use super::domain::{Case, CreateCaseRequest};
 use super::{CASE_CREATED, SOURCE, repo};
 use crate::app::AppState;
+use crate::crm::{self, CrmError, CustomerCheck, CustomerId};
 
 pub fn router(app: &AppState) -> Router<AppState> {
     // Only POST is idempotency-protected; keys are scoped by `X-Client-Id` (no authentication yet).
@@ -63,7 +64,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
         (status = 409, description = "A request with this key is still in flight", content_type = "application/problem+json", body = crate::openapi::Problem, headers(("Retry-After" = String))),
         (status = 413, description = "Body over 2 MiB", content_type = "application/problem+json", body = crate::openapi::Problem),
         (status = 415, description = "Not JSON", content_type = "application/problem+json", body = crate::openapi::Problem),
-        (status = 422, description = "Missing or invalid fields, or the key was used for another request", content_type = "application/problem+json", body = crate::openapi::Problem),
+        (status = 422, description = "Missing or invalid fields, a customer the CRM does not know, or the key was used for another request", content_type = "application/problem+json", body = crate::openapi::Problem),
     )
 )]
 /// Open a case. Behind the Idempotency-Key layer: the case, its `sea.cases.created` event
@@ -77,8 +78,23 @@ pub async fn create_case(
 ) -> Result<Response, Problem> {
     require_json(&headers)?;
     let new_case = parse_json::<CreateCaseRequest>(&body)?.validate()?;
+    let customer_id = CustomerId::parse(&new_case.customer_id)
+        .map_err(|e| Problem::invalid(StatusCode::UNPROCESSABLE_ENTITY, &[("customer_id", e.to_string())]))?;
+    // Asked before the transaction begins: a slow CRM must not hold the database's write lock.
+    let checked = crm::check_customer(app.crm.as_ref(), &app.store, &customer_id, &corr)
+        .await
+        .map_err(|e| match e {
+            CrmError::NotFound(_) => Problem::invalid(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &[("customer_id", "no such customer in the CRM".to_owned())],
+            ),
+            other => Problem::internal(other.to_string()),
+        })?;
     let mut tx = idempotent.get().await?;
-    let case = repo::insert(&mut *tx, new_case, &corr.correlation_id).await?;
+    if let (CustomerCheck::Verified, Some(customer)) = (checked.check, &checked.customer) {
+        crm::remember(&mut *tx, customer, &crate::consumers::now()).await?;
+    }
+    let case = repo::insert(&mut *tx, new_case, &checked, &corr.correlation_id).await?;
     let event = Event::new(
         CASE_CREATED,
         SOURCE,
