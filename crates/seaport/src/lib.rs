@@ -13,7 +13,9 @@
 //! | [`dead_letters`], [`naming`], [`retention`] | dead letters and replay; group and fan-out names; bounded cleanup |
 //! | [`http`] (`correlation`, `idempotency`, `pagination`, `problem`) | Correlation Tracking, Idempotency Key, Pagination |
 //! | [`store`] (`sqlite`) | the SQL behind all of the above |
+//! | [`breaker`] | Circuit Breaker |
 
+pub mod breaker;
 pub mod broker;
 pub mod consumer;
 pub mod crash;
