@@ -246,7 +246,8 @@ pub async fn healthz(
         tracing::error!(error = %e, "health check failed");
         Problem::new(http::StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
     })?;
-    Ok(axum::Json(serde_json::json!({"status": "ok"})))
+    let breakers: Vec<_> = app.crm.iter().map(|crm| crm.breaker()).collect();
+    Ok(axum::Json(serde_json::json!({"status": "ok", "breakers": breakers})))
 }
 
 /// A running service: its address, and the handle to stop it.

@@ -63,6 +63,11 @@ pub struct CaseCursorPage {
 #[allow(dead_code)]
 pub struct Health {
     pub status: String,
+    /// The circuit breakers in front of outside dependencies (the CRM, when configured): state
+    /// (`closed`, `open`, `half_open`) and counts. An open breaker does not make the service
+    /// unhealthy: requests fall back.
+    #[schema(value_type = Vec<Object>)]
+    pub breakers: serde_json::Value,
 }
 
 #[derive(OpenApi)]

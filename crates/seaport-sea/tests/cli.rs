@@ -258,3 +258,37 @@ on_both_backends!(
     outbox_status_and_trace_read_the_live_database,
     dead_letters_are_listed_shown_and_replayed
 );
+
+#[tokio::test]
+async fn demo_crm_serves_the_external_model_and_checks_its_flags() {
+    let (code, _, err) = seaport(&["demo-crm", "--failure-rate", "1.5"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a rate between 0.0 and 1.0"), "{err}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seaport"))
+        .args(["demo-crm", "--listen", &format!("127.0.0.1:{port}")])
+        .env("SEAPORT_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/customers/C-42");
+    let mut answer = None;
+    for _ in 0..200 {
+        if let Ok(r) = http.get(&url).send().await {
+            answer = Some(r.json::<serde_json::Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let answer = answer.expect("demo CRM answered");
+    assert_eq!(answer["cust_id"], "C-42");
+    assert_eq!(answer["full_name"], "Customer C-42");
+    assert_eq!(answer["email_address"], "c.42@example.com");
+}

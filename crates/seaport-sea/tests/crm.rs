@@ -153,3 +153,44 @@ async fn crm_calls_carry_the_correlation_headers() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_crm_opens_the_breaker_and_cases_still_open() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let stub = Router::new().route(
+        "/customers/{id}",
+        get(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { (http::StatusCode::SERVICE_UNAVAILABLE, "down") }
+        }),
+    );
+    let (crm, _h) = serve(stub).await;
+    let s = service_with_crm(&format!("http://{crm}")).await;
+    for i in 0..8 {
+        let (status, case) = open_case(&s, &format!("b-{i}"), "C-1").await;
+        assert_eq!(
+            (status, case["customer_check"].as_str()),
+            (201, Some("unverified")),
+            "{case}"
+        );
+    }
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        5,
+        "after 5 failures in a row the breaker stops calling the CRM"
+    );
+    let health: Value = s
+        .http
+        .get(s.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok", "an open breaker is not an unhealthy service");
+    assert_eq!(health["breakers"][0]["name"], "crm");
+    assert_eq!(health["breakers"][0]["state"], "open");
+    s.stop().await;
+}

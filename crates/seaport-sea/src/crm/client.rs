@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use seaport::breaker::{BreakerError, CircuitBreaker, Snapshot};
 use seaport::http::Correlation;
 use seaport::http::correlation::CorrelatedRequest;
 
@@ -36,11 +37,23 @@ pub struct CrmClient {
     base: reqwest::Url,
     http: reqwest::Client,
     timeout: Duration,
+    breaker: CircuitBreaker,
 }
 
 impl CrmClient {
-    /// A client of the CRM at `base` (e.g. `http://127.0.0.1:8090`).
+    /// A client of the CRM at `base` (e.g. `http://127.0.0.1:8090`), behind a breaker with the
+    /// catalog's settings (5 failures in a row, or half of the calls of the last minute with at
+    /// least 10 calls, open it; a probe after 30 s).
     pub fn new(base: &str, timeout: Duration) -> Result<Self, String> {
+        let breaker = CircuitBreaker::builder("crm")
+            .failure_threshold(5)
+            .failure_rate(0.5, seaport::breaker::Window::Time(Duration::from_secs(60)))
+            .recovery_timeout(Duration::from_secs(30))
+            .build();
+        Self::with_breaker(base, timeout, breaker)
+    }
+
+    pub fn with_breaker(base: &str, timeout: Duration, breaker: CircuitBreaker) -> Result<Self, String> {
         let base = reqwest::Url::parse(base).map_err(|e| format!("invalid CRM URL {base:?}: {e}"))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(format!("invalid CRM URL {base}: expected http(s)://host[:port][/path]"));
@@ -49,12 +62,24 @@ impl CrmClient {
             base,
             http: reqwest::Client::new(),
             timeout,
+            breaker,
         })
+    }
+
+    /// The breaker's state and counts, for `/healthz`.
+    pub fn breaker(&self) -> Snapshot {
+        self.breaker.snapshot()
     }
 
     /// Look a customer up and translate the answer into the domain's terms.
     pub async fn customer(&self, id: &CustomerId, corr: &Correlation) -> Result<Customer, CrmError> {
-        match self.fetch(id, corr).await? {
+        // Transport errors, timeouts and 5xx are `Err` (the breaker counts them); 404 and other
+        // 4xx are answers.
+        let answer = self.breaker.call(|| self.fetch(id, corr)).await.map_err(|e| match e {
+            BreakerError::Open(open) => CrmError::CircuitOpen(open.retry_after),
+            BreakerError::Inner(e) => e,
+        })?;
+        match answer {
             Answer::Found(body) => Ok(adapter::translate(id, &body)?),
             Answer::NotFound => Err(CrmError::NotFound(id.to_string())),
             Answer::Refused(status) => Err(CrmError::Refused(status)),
