@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 
 use crate::consumers::{ANALYTICS, AUDIT, Analytics, Audit, CONTEXT, NOTIFICATIONS, Notifications, ServiceContext};
 use crate::crm::CrmClient;
+use crate::webhooks::Webhooks;
 
 /// The service's migrations (its own tables; Seaport's come with the library).
 pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -118,6 +119,8 @@ pub struct Config {
     pub crm_url: Option<String>,
     /// Longest wait for one CRM answer.
     pub crm_timeout: Duration,
+    /// The webhook receivers and their secrets (none configured: every webhook route is 404).
+    pub webhooks: Webhooks,
     pub retention: RetentionConfig,
 }
 
@@ -137,6 +140,7 @@ impl Config {
             max_attempts: 5,
             crm_url: None,
             crm_timeout: Duration::from_secs(2),
+            webhooks: Webhooks::default(),
             retention: RetentionConfig::default(),
         }
     }
@@ -189,6 +193,7 @@ pub struct AppState {
     pub cursors: CursorCodec,
     /// The CRM behind the anti-corruption layer and its breaker; `None`: customers unverified.
     pub crm: Option<CrmClient>,
+    pub webhooks: Arc<Webhooks>,
 }
 
 /// Open the database (creating a SQLite file if needed), apply Seaport's and the service's
@@ -216,6 +221,7 @@ pub fn router(state: AppState, role: Role) -> Router {
     if role.api() {
         router = router
             .merge(crate::cases::routes::router(&state))
+            .merge(crate::webhooks::router())
             .route("/trace/{correlation_id}", get(crate::trace::route));
     }
     router
@@ -370,6 +376,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .map(|url| CrmClient::new(url, config.crm_timeout))
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        webhooks: Arc::new(config.webhooks.clone()),
     };
     let app = router(state, config.role);
     let mut r = stopped.clone();

@@ -13,3 +13,4 @@ pub mod consumers;
 pub mod crm;
 pub mod openapi;
 pub mod trace;
+pub mod webhooks;

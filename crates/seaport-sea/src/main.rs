@@ -68,6 +68,27 @@ enum Command {
         /// Longest wait for one CRM answer, in milliseconds.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60000))]
         crm_timeout_ms: u64,
+        /// Stripe endpoint secrets (`whsec_...`), comma-separated while rotating; enables
+        /// `POST /webhooks/stripe`. Prefer the environment: flags show in `ps`.
+        #[arg(
+            long,
+            env = "SEAPORT_STRIPE_WEBHOOK_SECRET",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        stripe_webhook_secret: Vec<String>,
+        /// GitHub webhook secret; enables `POST /webhooks/github`.
+        #[arg(long, env = "SEAPORT_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
+        github_webhook_secret: Option<String>,
+        /// A Standard Webhooks source, `NAME=whsec_...` (repeatable; in the environment
+        /// comma-separated); enables `POST /webhooks/NAME`. Give a name twice to rotate secrets.
+        #[arg(
+            long = "webhook-source",
+            env = "SEAPORT_WEBHOOK_SOURCES",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        webhook_sources: Vec<String>,
     },
     /// Run a small stand-in CRM (the external model: cust_id, full_name, email_address) for
     /// demos and tests, with injectable latency, outages and malformed records.
@@ -203,6 +224,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_attempts,
             crm_url,
             crm_timeout_ms,
+            stripe_webhook_secret,
+            github_webhook_secret,
+            webhook_sources,
             nats_url,
             role,
             stream,
@@ -230,6 +254,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.max_attempts = max_attempts;
             config.crm_url = crm_url;
             config.crm_timeout = Duration::from_millis(crm_timeout_ms);
+            config.webhooks = seaport_sea::webhooks::Webhooks::configure(
+                &stripe_webhook_secret,
+                github_webhook_secret.as_deref(),
+                &webhook_sources,
+            )?;
             config.retention.outbox = Duration::from_secs(outbox_retention_hours * 3600);
             config.retention.inbox = Duration::from_secs(inbox_retention_hours * 3600);
             let running = app::start(config).await?;

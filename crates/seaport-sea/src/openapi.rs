@@ -70,6 +70,14 @@ pub struct Health {
     pub breakers: serde_json::Value,
 }
 
+/// The answer to an accepted (or already accepted) webhook delivery.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Received {
+    /// Always `true`.
+    pub received: bool,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -82,6 +90,9 @@ pub struct Health {
         crate::cases::routes::get_case,
         crate::trace::route,
         crate::app::healthz,
+        crate::webhooks::stripe,
+        crate::webhooks::github,
+        crate::webhooks::standard,
         openapi_json,
     ),
     components(schemas(
@@ -95,7 +106,8 @@ pub struct Health {
         Trace,
         TracedEvent,
         SeenBy,
-        Health
+        Health,
+        Received
     ))
 )]
 pub struct ApiDoc;

@@ -292,3 +292,40 @@ async fn demo_crm_serves_the_external_model_and_checks_its_flags() {
     assert_eq!(answer["full_name"], "Customer C-42");
     assert_eq!(answer["email_address"], "c.42@example.com");
 }
+
+#[test]
+fn webhook_secrets_never_show_in_help_or_errors() {
+    let out = Command::new(env!("CARGO_BIN_EXE_seaport"))
+        .args(["serve", "--help"])
+        .env("SEAPORT_STRIPE_WEBHOOK_SECRET", "whsec_topsecret_stripe")
+        .env("SEAPORT_GITHUB_WEBHOOK_SECRET", "topsecret_github")
+        .env("SEAPORT_WEBHOOK_SOURCES", "partner=whsec_topsecret_partner")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--stripe-webhook-secret") && help.contains("--webhook-source"),
+        "{help}"
+    );
+    assert!(!help.contains("topsecret"), "{help}");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for (entry, want) in [
+        ("no-equals-sign-whsec_topsecret", "expected NAME=SECRET"),
+        ("Bad Name=whsec_topsecret", "not a valid source name"),
+        ("partner=whsec_!!!topsecret", "--webhook-source partner"),
+    ] {
+        let (code, _, err) = seaport(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            d,
+            "--webhook-source",
+            entry,
+        ]);
+        assert_eq!(code, 1, "{entry}: {err}");
+        assert!(err.contains(want), "{entry}: {err}");
+        assert!(!err.contains("topsecret"), "{entry}: the secret leaked: {err}");
+    }
+}

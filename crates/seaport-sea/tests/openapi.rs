@@ -18,7 +18,16 @@ fn python() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_is_valid_and_the_service_conforms_to_it() {
     let python = python();
-    let s = TestService::start().await;
+    // With every webhook receiver configured, so their checks run too.
+    let s = TestService::start_with(seaport::testing::Kind::Embedded, |c| {
+        c.webhooks = seaport_sea::webhooks::Webhooks::configure(
+            &["whsec_openapi".to_owned()],
+            Some("github-secret"),
+            &["partner=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()],
+        )
+        .unwrap();
+    })
+    .await;
     let doc: serde_json::Value = s
         .http
         .get(s.url("/openapi.json"))

@@ -14,6 +14,7 @@
 //! | [`http`] (`correlation`, `idempotency`, `pagination`, `problem`) | Correlation Tracking, Idempotency Key, Pagination |
 //! | [`store`] (`sqlite`) | the SQL behind all of the above |
 //! | [`breaker`] | Circuit Breaker |
+//! | [`webhooks`] | Webhook Receiver: signature verification (Stripe, GitHub, Standard Webhooks) |
 
 pub mod breaker;
 pub mod broker;
@@ -29,5 +30,6 @@ pub mod retention;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod webhooks;
 
 pub use event::Event;
