@@ -9,6 +9,7 @@
 pub mod app;
 pub mod bench;
 pub mod cases;
+pub mod chaos;
 pub mod consumers;
 pub mod crm;
 pub mod openapi;

@@ -90,6 +90,37 @@ enum Command {
         )]
         webhook_sources: Vec<String>,
     },
+    /// Fault injection: run the service as separate processes, load it with idempotent
+    /// requests, kill -9 processes (and NATS) meanwhile, then check the history for lost
+    /// acknowledgements and duplicate effects. Exits non-zero on any violation.
+    Chaos {
+        /// Run the embedded default (one process on SQLite) instead of the distributed setup.
+        #[arg(long)]
+        embedded: bool,
+        /// PostgreSQL server to make a scratch database on (distributed setup).
+        #[arg(
+            long,
+            env = "SEAPORT_TEST_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        postgres: String,
+        /// The nats-server binary (a private server is started on a free port).
+        #[arg(long, default_value = "nats-server")]
+        nats_server: String,
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Requests per second offered, so the load overlaps the kills.
+        #[arg(long, default_value_t = 25.0)]
+        rate: f64,
+        /// Milliseconds between two kills.
+        #[arg(long, default_value_t = 1500)]
+        kill_every_ms: u64,
+        /// Seconds to wait for the system to settle after the load.
+        #[arg(long, default_value_t = 90)]
+        settle_secs: u64,
+    },
     /// Run a small stand-in CRM (the external model: cust_id, full_name, email_address) for
     /// demos and tests, with injectable latency, outages and malformed records.
     DemoCrm {
@@ -264,6 +295,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let running = app::start(config).await?;
             println!("seaport listening on http://{}", running.addr);
             running.until(shutdown_signal()).await
+        }
+        Command::Chaos {
+            embedded,
+            postgres,
+            nats_server,
+            requests,
+            concurrency,
+            rate,
+            kill_every_ms,
+            settle_secs,
+        } => {
+            let summary = seaport_sea::chaos::run(seaport_sea::chaos::ChaosConfig {
+                postgres_admin_url: (!embedded).then_some(postgres),
+                nats_server,
+                requests,
+                concurrency,
+                rate,
+                kill_every: Duration::from_millis(kill_every_ms),
+                settle_timeout: Duration::from_secs(settle_secs),
+            })
+            .await?;
+            println!("{summary}");
+            seaport_sea::chaos::verdict(&summary)
         }
         Command::DemoCrm {
             listen,

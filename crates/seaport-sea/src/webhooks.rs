@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use chrono::Utc;
@@ -127,7 +128,7 @@ fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Problem> {
 
 fn text(map: &serde_json::Map<String, Value>, field: &'static str) -> Result<String, Problem> {
     match map.get(field) {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 => Ok(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control) => Ok(s.clone()),
         _ => Err(malformed(&format!("{field} must be a non-empty string"))),
     }
 }
@@ -147,8 +148,9 @@ pub async fn stripe(
     State(app): State<AppState>,
     corr: Correlation,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Problem> {
+    let body = body?;
     let verifier = app.webhooks.stripe.as_ref().ok_or_else(|| not_configured("stripe"))?;
     verifier.verify(&headers, &body, Utc::now()).map_err(rejected)?;
     let event = json_object(&body)?;
@@ -192,8 +194,9 @@ pub async fn github(
     State(app): State<AppState>,
     corr: Correlation,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Problem> {
+    let body = body?;
     let verifier = app.webhooks.github.as_ref().ok_or_else(|| not_configured("github"))?;
     let verified = verifier.verify(&headers, &body, Utc::now()).map_err(rejected)?;
     let payload = Value::Object(json_object(&body)?);
@@ -240,10 +243,12 @@ pub async fn github(
 pub async fn standard(
     State(app): State<AppState>,
     corr: Correlation,
-    Path(source): Path<String>,
+    source: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Problem> {
+    let body = body?;
+    let Path(source) = source?;
     let verifier = app
         .webhooks
         .sources
@@ -278,6 +283,17 @@ pub async fn standard(
 
 /// Record the delivery and its event in one transaction; a known delivery id stores nothing.
 async fn accept(app: &AppState, corr: &Correlation, r: Received) -> Result<Json<Value>, Problem> {
+    for (what, value) in [
+        ("delivery id", &r.delivery_id),
+        ("event type", &r.event_type),
+        ("object id", &r.subject),
+    ] {
+        if value.chars().any(char::is_control) || value.len() > 255 {
+            return Err(malformed(&format!(
+                "{what} must be at most 255 characters without control characters"
+            )));
+        }
+    }
     let event = corr.stamp(
         Event::new(
             WEBHOOK_RECEIVED,

@@ -34,7 +34,8 @@ pub struct Event {
     pub time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `None`: no `data` member; `Some(Null)`: `"data": null` (kept apart so events round-trip).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     pub data: Option<serde_json::Value>,
     /// Extension: the id shared by everything that one original request caused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,4 +181,9 @@ mod tests {
         let bad_time = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"yesterday"}"#;
         assert!(Event::from_json(bad_time).is_err());
     }
+}
+
+/// A member that is present is `Some`, even when it is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
 }

@@ -66,6 +66,8 @@ impl CreateCaseRequest {
         let title = self.title.trim().to_owned();
         if title.is_empty() {
             invalid.push(("title", "must not be empty".into()));
+        } else if title.chars().any(char::is_control) {
+            invalid.push(("title", "must not contain control characters".into()));
         } else if title.chars().count() > MAX_TITLE {
             invalid.push(("title", format!("must be at most {MAX_TITLE} characters")));
         }
@@ -84,6 +86,14 @@ impl CreateCaseRequest {
             .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION)
         {
             invalid.push(("description", format!("must be at most {MAX_DESCRIPTION} characters")));
+        } else if description
+            .as_ref()
+            .is_some_and(|d| d.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t'))
+        {
+            invalid.push((
+                "description",
+                "must not contain control characters other than line breaks and tabs".into(),
+            ));
         }
         if invalid.is_empty() {
             Ok(NewCase {

@@ -215,11 +215,24 @@ where
     };
     let bytes = match to_bytes(body, config.body_limit).await {
         Ok(b) => b,
-        Err(_) => {
-            return Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {} bytes", config.body_limit),
-            )
+        Err(e) => {
+            // axum reports the limit as http-body-util's `LengthLimitError` ("length limit
+            // exceeded") somewhere in the chain; anything else is a body we could not read
+            // (e.g. malformed chunked encoding): the client's fault too, but not a 413.
+            let mut too_large = false;
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                too_large |= err.to_string().contains("length limit exceeded");
+                source = err.source();
+            }
+            return if too_large {
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body exceeds {} bytes", config.body_limit),
+                )
+            } else {
+                Problem::bad_request(format!("cannot read the request body: {e}"))
+            }
             .into_response();
         }
     };

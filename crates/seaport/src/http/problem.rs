@@ -129,15 +129,33 @@ impl From<axum::extract::rejection::PathRejection> for Problem {
     }
 }
 
+impl From<axum::extract::rejection::BytesRejection> for Problem {
+    fn from(r: axum::extract::rejection::BytesRejection) -> Self {
+        Problem::new(r.status(), r.body_text())
+    }
+}
+
+/// Text the database refuses to store (PostgreSQL rejects U+0000 in `TEXT`, SQLSTATE 22021 /
+/// 22P05) is the client's input, not our failure: a 400, as a safety net behind validation.
+fn refused_text(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("22021") | Some("22P05")))
+}
+
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
+        if refused_text(&e) {
+            return Problem::bad_request("the request contains text that cannot be stored (a NUL character)");
+        }
         Problem::internal(e)
     }
 }
 
 impl From<crate::outbox::OutboxError> for Problem {
     fn from(e: crate::outbox::OutboxError) -> Self {
-        Problem::internal(e)
+        match e {
+            crate::outbox::OutboxError::Storage(e) => e.into(),
+            other => Problem::internal(other),
+        }
     }
 }
 

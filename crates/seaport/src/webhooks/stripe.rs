@@ -118,6 +118,14 @@ fn event_id(body: &[u8]) -> Result<String, VerifyError> {
     struct Event {
         id: String,
     }
+    // Only an object: the derived `Deserialize` would also read `["evt_1"]` as a sequence.
+    if !body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{')
+    {
+        return Err(VerifyError::MalformedPayload("not a JSON object with a string `id`"));
+    }
     serde_json::from_slice::<Event>(body)
         .map(|event| event.id)
         .map_err(|_| VerifyError::MalformedPayload("not a JSON object with a string `id`"))
