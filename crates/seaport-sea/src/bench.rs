@@ -19,7 +19,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use seaport::Event;
 use seaport::broker::jetstream::JetStreamBroker;
-use seaport::broker::{Broker, MSG_ID_HEADER};
+use seaport::broker::{Broker, ConsumerConfig, MSG_ID_HEADER};
+use seaport::consumer::{ConsumerRunner, Handler, HandlerContext, HandlerError, RunnerConfig};
 use seaport::outbox::Outbox;
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::store::{Db, PgStore};
@@ -41,11 +42,29 @@ pub struct BenchReport {
     pub raw_publish_per_sec: f64,
     pub relay_per_sec: f64,
     pub relay_vs_raw: f64,
+    pub raw_consume_per_sec: f64,
+    pub consumer_per_sec: f64,
+    pub consumer_vs_raw: f64,
     pub latency_rate_per_sec: u64,
     pub latency_samples: usize,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+}
+
+/// The trivial transactional effect of the consumer benchmark.
+struct Effect;
+
+#[async_trait::async_trait]
+impl Handler for Effect {
+    async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
+        seaport::on_conn!(ctx.tx().await?, c => sqlx::query("INSERT INTO bench_effects (event_id) VALUES ($1)")
+            .bind(&event.id)
+            .execute(c)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
 }
 
 /// The pipelining window of both the raw loop and the relay (its batch size).
@@ -164,6 +183,54 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         eprintln!("relay: {relay_rate:.0}/s ({:.2}x raw)", relay_rate / raw_rate);
         drop(relay);
 
+        // 3a. The raw consume limit: a bare async-nats pull consumer, ack per message.
+        let raw_consumer: jetstream::consumer::PullConsumer = js
+            .get_stream(&relay_stream)
+            .await?
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("raw_consume".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        let started = Instant::now();
+        let mut consumed = 0;
+        let mut messages = raw_consumer.messages().await?;
+        while consumed < events.len() {
+            let m = messages.next().await.context("the raw consumer ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            consumed += 1;
+        }
+        drop(messages);
+        let raw_consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        eprintln!("raw JetStream consume+ack: {raw_consume_rate:.0}/s");
+
+        // 3b. The consumer runner: inbox dedupe + one effect row per message, in one transaction.
+        sqlx::query("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)")
+            .execute(store.pool())
+            .await?;
+        let mut runner_config = RunnerConfig::new(ConsumerConfig::new("bench_consumer", format!("{relay_root}.>")));
+        runner_config.batch_size = WINDOW;
+        runner_config.concurrency = 64;
+        let runner = ConsumerRunner::new(db.clone(), broker.clone(), &relay_stream, runner_config, Arc::new(Effect));
+        let (stop_consumer, consumer_stopped) = watch::channel(false);
+        let started = Instant::now();
+        let consumer_task = tokio::spawn(runner.run(consumer_stopped));
+        loop {
+            let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bench_effects")
+                .fetch_one(store.pool())
+                .await?;
+            if done as usize >= events.len() {
+                break;
+            }
+            anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        let _ = stop_consumer.send(true);
+        let _ = consumer_task.await;
+        eprintln!("consumer runner: {consume_rate:.0}/s ({:.2}x raw)", consume_rate / raw_consume_rate);
+
         // 2. Commit-to-publish latency at a steady rate.
         let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -244,6 +311,9 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             raw_publish_per_sec: raw_rate,
             relay_per_sec: relay_rate,
             relay_vs_raw: relay_rate / raw_rate,
+            raw_consume_per_sec: raw_consume_rate,
+            consumer_per_sec: consume_rate,
+            consumer_vs_raw: consume_rate / raw_consume_rate,
             latency_rate_per_sec: config.rate,
             latency_samples: lat.len(),
             latency_p50_ms: pct(0.50),
@@ -274,6 +344,14 @@ pub fn print(report: &BenchReport, json: bool) {
         report.relay_per_sec, report.relay_vs_raw
     );
     println!(
+        "  raw JetStream consume + ack     : {:>10.0} msgs/s",
+        report.raw_consume_per_sec
+    );
+    println!(
+        "  consumer runner (inbox+effect)  : {:>10.0} msgs/s  ({:.2}x raw)",
+        report.consumer_per_sec, report.consumer_vs_raw
+    );
+    println!(
         "  commit-to-publish at {}/s        : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
         report.latency_rate_per_sec,
         report.latency_p50_ms,
@@ -281,4 +359,33 @@ pub fn print(report: &BenchReport, json: bool) {
         report.latency_max_ms,
         report.latency_samples
     );
+}
+
+/// Circuit breaker overhead per call in the closed state, beside the same call without it
+/// (same run, same future): nanoseconds per call, median of `rounds` rounds of `calls` calls.
+pub async fn breaker_overhead(calls: u32, rounds: usize) -> (f64, f64) {
+    use seaport::breaker::CircuitBreaker;
+    let breaker = CircuitBreaker::builder("bench").build();
+    async fn op(i: u32) -> Result<u32, ()> {
+        Ok(std::hint::black_box(i))
+    }
+    let mut bare = Vec::new();
+    let mut guarded = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for i in 0..calls {
+            std::hint::black_box(op(i).await.ok());
+        }
+        bare.push(t.elapsed().as_nanos() as f64 / calls as f64);
+        let t = Instant::now();
+        for i in 0..calls {
+            std::hint::black_box(breaker.call(|| op(i)).await.ok());
+        }
+        guarded.push(t.elapsed().as_nanos() as f64 / calls as f64);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    (median(&mut bare), median(&mut guarded))
 }

@@ -366,6 +366,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             writers,
             json,
         } => {
+            let (bare, guarded) = seaport_sea::bench::breaker_overhead(200_000, 7).await;
+            eprintln!("circuit breaker (closed): {guarded:.0} ns/call vs {bare:.0} ns bare: {:.0} ns overhead", guarded - bare);
             let report = seaport_sea::bench::run(seaport_sea::bench::BenchConfig {
                 database_admin_url: admin_database_url,
                 nats_url,
