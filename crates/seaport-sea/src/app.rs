@@ -115,6 +115,9 @@ pub struct Config {
     pub ack_wait: Duration,
     /// Failed attempts before a message goes to the dead letters.
     pub max_attempts: u32,
+    /// Deliveries a consumer commits in one transaction when a backlog has queued up (1: one
+    /// transaction per delivery; see `seaport::consumer`, "Batched transactions").
+    pub consumer_batch: usize,
     /// The CRM customers are looked up in (`None`: cases are opened `unverified`).
     pub crm_url: Option<String>,
     /// Longest wait for one CRM answer.
@@ -138,6 +141,7 @@ impl Config {
             idempotency_retention: Duration::from_secs(24 * 3600),
             ack_wait: Duration::from_secs(30),
             max_attempts: 5,
+            consumer_batch: 32,
             crm_url: None,
             crm_timeout: Duration::from_secs(2),
             webhooks: Webhooks::default(),
@@ -152,6 +156,7 @@ impl Config {
         consumer.ack_wait = self.ack_wait;
         let mut runner = RunnerConfig::new(consumer);
         runner.max_attempts = self.max_attempts;
+        runner.transaction_batch = self.consumer_batch;
         runner.handler_timeout = runner.handler_timeout.min(self.ack_wait.mul_f64(0.8));
         runner.dead_letter_queue = Some(DeadLetterQueue::beside(&self.stream, &self.topics.root));
         runner
@@ -194,6 +199,10 @@ pub struct AppState {
     /// The CRM behind the anti-corruption layer and its breaker; `None`: customers unverified.
     pub crm: Option<CrmClient>,
     pub webhooks: Arc<Webhooks>,
+    /// The broker and stream, for the consumers' state in `/metrics` and the admin console
+    /// (`None`: not shown).
+    pub broker: Option<Arc<dyn Broker>>,
+    pub stream: String,
 }
 
 /// Open the database (creating a SQLite file if needed), apply Seaport's and the service's
@@ -217,7 +226,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
 pub fn router(state: AppState, role: Role) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/openapi.json", get(crate::openapi::openapi_json));
+        .route("/openapi.json", get(crate::openapi::openapi_json))
+        .route("/metrics", get(crate::observe::route));
     if role.api() {
         router = router
             .merge(crate::cases::routes::router(&state))
@@ -309,6 +319,8 @@ pub async fn connect_broker(config: &Config, db: &Db) -> anyhow::Result<Arc<dyn 
 /// Start the parts of the service that `config.role` names.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
+    // Before anything counts: the recorder must exist when the first metric is recorded.
+    crate::observe::prometheus();
     let store = open_store(&config).await?;
     let broker = connect_broker(&config, &store).await?;
     let listener = TcpListener::bind(config.listen)
@@ -377,6 +389,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .transpose()
             .map_err(anyhow::Error::msg)?,
         webhooks: Arc::new(config.webhooks.clone()),
+        broker: Some(broker.clone()),
+        stream: config.stream.clone(),
     };
     let app = router(state, config.role);
     let mut r = stopped.clone();

@@ -6,8 +6,13 @@
 //! 2. Commit-to-publish latency at a steady rate from concurrent writers: from the moment the
 //!    writer's `COMMIT` returned to the moment the stored message reaches a plain NATS
 //!    subscriber on its subject (JetStream forwards a message to core subscribers once stored).
+//!    The same on the embedded deployment (SQLite + embedded broker), up to the moment the
+//!    embedded broker confirmed the message stored (its `publish` returned).
+//! 3. Consumer throughput (inbox dedupe + one effect row per message, batched transactions)
+//!    against a bare async-nats pull consumer acking each message.
 //!
-//! It runs against a fresh database `seaport_bench_*` and private streams, removed afterwards.
+//! It runs against a fresh database `seaport_bench_*` and private streams, removed afterwards
+//! (and a SQLite file in a scratch directory for the embedded run).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -50,6 +55,161 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    pub embedded_latency_samples: usize,
+    pub embedded_latency_p50_ms: f64,
+    pub embedded_latency_p99_ms: f64,
+    pub embedded_latency_max_ms: f64,
+}
+
+/// Latency percentiles, in milliseconds.
+struct Percentiles {
+    samples: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+type Stamps = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// From commit to arrival, for every event that arrived; fails if some never did.
+fn percentiles(committed: &Stamps, arrived: &Stamps, total: usize) -> anyhow::Result<Percentiles> {
+    let (committed, arrived) = (
+        committed.lock().expect("not poisoned"),
+        arrived.lock().expect("not poisoned"),
+    );
+    anyhow::ensure!(arrived.len() >= total, "only {} of {total} events arrived", arrived.len());
+    let mut lat: Vec<f64> = committed
+        .iter()
+        .filter_map(|(id, c)| {
+            arrived
+                .get(id)
+                .map(|r| r.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    anyhow::ensure!(!lat.is_empty(), "no latency samples");
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    Ok(Percentiles {
+        samples: lat.len(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: *lat.last().expect("non-empty"),
+    })
+}
+
+/// `writers` tasks writing one event per transaction to the outbox, together `rate` per second
+/// for `seconds`; each commit time is stamped in `committed`. Returns the number written.
+async fn steady_writers(
+    db: &Db,
+    topic: &str,
+    config: &BenchConfig,
+    committed: &Stamps,
+) -> anyhow::Result<usize> {
+    let per_writer = Duration::from_secs_f64(config.writers as f64 / config.rate as f64);
+    let total = (config.rate * config.seconds) as usize;
+    let mut writers = Vec::new();
+    for w in 0..config.writers {
+        let (db, committed, topic) = (db.clone(), committed.clone(), topic.to_owned());
+        let count = total / config.writers + usize::from(w < total % config.writers);
+        writers.push(tokio::spawn(async move {
+            let outbox = Outbox::new();
+            let mut tick = tokio::time::interval(per_writer);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for i in 0..count {
+                tick.tick().await;
+                let e = Event::new("sea.bench.latency", "/bench", serde_json::json!({"w": w, "i": i}))
+                    .with_subject(format!("w{w}"));
+                let mut tx = db.begin_write().await?;
+                outbox.insert_to(&mut tx, &topic, &e).await?;
+                tx.commit().await?;
+                committed.lock().expect("not poisoned").insert(e.id, Instant::now());
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    Ok(total)
+}
+
+/// A broker that stamps the moment each message was confirmed stored.
+struct StampConfirmed {
+    inner: Arc<dyn Broker>,
+    confirmed: Stamps,
+}
+
+#[async_trait::async_trait]
+impl Broker for StampConfirmed {
+    async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), seaport::broker::BrokerError> {
+        self.inner.ensure_stream(name, subjects).await
+    }
+
+    async fn publish(
+        &self,
+        messages: &[seaport::broker::OutgoingMessage],
+    ) -> Vec<Result<seaport::broker::PublishAck, seaport::broker::BrokerError>> {
+        let results = self.inner.publish(messages).await;
+        let now = Instant::now();
+        let mut confirmed = self.confirmed.lock().expect("not poisoned");
+        for (m, r) in messages.iter().zip(&results) {
+            if r.is_ok() {
+                confirmed.entry(m.id.clone()).or_insert(now);
+            }
+        }
+        results
+    }
+
+    async fn subscribe(
+        &self,
+        stream: &str,
+        config: ConsumerConfig,
+    ) -> Result<Box<dyn seaport::broker::Subscription>, seaport::broker::BrokerError> {
+        self.inner.subscribe(stream, config).await
+    }
+
+    async fn consumer_state(
+        &self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<Option<seaport::broker::ConsumerState>, seaport::broker::BrokerError> {
+        self.inner.consumer_state(stream, durable).await
+    }
+}
+
+/// Commit-to-publish latency on the embedded deployment: SQLite + the embedded broker, relay
+/// woken by the commit hook, in a scratch directory.
+async fn embedded_latency(config: &BenchConfig) -> anyhow::Result<Percentiles> {
+    let dir = std::env::temp_dir().join(format!("seaport-bench-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let outcome = async {
+        let db = Db::open(&dir.join("bench.db").display().to_string()).await?;
+        let Db::Sqlite(sqlite) = &db else {
+            anyhow::bail!("a file path opens SQLite")
+        };
+        let embedded: Arc<dyn Broker> = Arc::new(seaport::broker::embedded::EmbeddedBroker::new(sqlite));
+        embedded.ensure_stream("LAT", &["lat.>"]).await?;
+        let confirmed: Stamps = Arc::default();
+        let broker = Arc::new(StampConfirmed {
+            inner: embedded,
+            confirmed: confirmed.clone(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let relay_task = tokio::spawn(Relay::new(db.clone(), broker, RelayConfig::default()).run(stopped));
+        let committed: Stamps = Arc::default();
+        let total = steady_writers(&db, "lat.bench.latency", config, &committed).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while confirmed.lock().expect("not poisoned").len() < total && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(true);
+        let _ = relay_task.await;
+        db.close().await;
+        percentiles(&committed, &confirmed, total)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
 }
 
 /// The trivial transactional effect of the consumer benchmark.
@@ -172,7 +332,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         let started = Instant::now();
         let mut published = 0;
         while published < events.len() {
-            let pass = relay.run_once().await?;
+            let pass = relay.drain().await?;
             anyhow::ensure!(pass.failed == 0, "the broker refused events during the benchmark");
             if pass.published == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await; // partitions being taken
@@ -211,7 +371,8 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             .await?;
         let mut runner_config = RunnerConfig::new(ConsumerConfig::new("bench_consumer", format!("{relay_root}.>")));
         runner_config.batch_size = WINDOW;
-        runner_config.concurrency = 64;
+        runner_config.concurrency = 8;
+        runner_config.transaction_batch = 128;
         let runner = ConsumerRunner::new(db.clone(), broker.clone(), &relay_stream, runner_config, Arc::new(Effect));
         let (stop_consumer, consumer_stopped) = watch::channel(false);
         let started = Instant::now();
@@ -232,8 +393,8 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         eprintln!("consumer runner: {consume_rate:.0}/s ({:.2}x raw)", consume_rate / raw_consume_rate);
 
         // 2. Commit-to-publish latency at a steady rate.
-        let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let received: Stamps = Arc::default();
+        let committed: Stamps = Arc::default();
         let mut sub = broker.client().subscribe(format!("{lat_root}.>")).await?;
         let rx = received.clone();
         let listener = tokio::spawn(async move {
@@ -255,31 +416,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         );
         let relay_task = tokio::spawn(relay.run(stopped));
         tokio::time::sleep(Duration::from_millis(1500)).await; // partitions taken, relay idle
-        let per_writer = Duration::from_secs_f64(config.writers as f64 / config.rate as f64);
-        let total = (config.rate * config.seconds) as usize;
-        let mut writers = Vec::new();
-        for w in 0..config.writers {
-            let (db, committed, topic) = (db.clone(), committed.clone(), format!("{lat_root}.bench.latency"));
-            let count = total / config.writers + usize::from(w < total % config.writers);
-            writers.push(tokio::spawn(async move {
-                let outbox = Outbox::new();
-                let mut tick = tokio::time::interval(per_writer);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                for i in 0..count {
-                    tick.tick().await;
-                    let e = Event::new("sea.bench.latency", "/bench", serde_json::json!({"w": w, "i": i}))
-                        .with_subject(format!("w{w}"));
-                    let mut tx = db.begin_write().await?;
-                    outbox.insert_to(&mut tx, &topic, &e).await?;
-                    tx.commit().await?;
-                    committed.lock().expect("not poisoned").insert(e.id, Instant::now());
-                }
-                anyhow::Ok(())
-            }));
-        }
-        for w in writers {
-            w.await??;
-        }
+        let total = steady_writers(&db, &format!("{lat_root}.bench.latency"), config, &committed).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while received.lock().expect("not poisoned").len() < total && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -287,25 +424,9 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         let _ = stop.send(true);
         let _ = relay_task.await;
         listener.abort();
-        let (committed, received) = (
-            committed.lock().expect("not poisoned"),
-            received.lock().expect("not poisoned"),
-        );
-        anyhow::ensure!(
-            received.len() >= total,
-            "only {} of {total} events arrived",
-            received.len()
-        );
-        let mut lat: Vec<f64> = committed
-            .iter()
-            .filter_map(|(id, c)| {
-                received
-                    .get(id)
-                    .map(|r| r.saturating_duration_since(*c).as_secs_f64() * 1000.0)
-            })
-            .collect();
-        lat.sort_by(|a, b| a.total_cmp(b));
-        let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+        let pg = percentiles(&committed, &received, total)?;
+        eprintln!("commit-to-publish (PostgreSQL + JetStream): p50 {:.2} ms, p99 {:.2} ms", pg.p50, pg.p99);
+        let embedded = embedded_latency(config).await?;
         Ok(BenchReport {
             events: events.len(),
             raw_publish_per_sec: raw_rate,
@@ -315,10 +436,14 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             consumer_per_sec: consume_rate,
             consumer_vs_raw: consume_rate / raw_consume_rate,
             latency_rate_per_sec: config.rate,
-            latency_samples: lat.len(),
-            latency_p50_ms: pct(0.50),
-            latency_p99_ms: pct(0.99),
-            latency_max_ms: *lat.last().expect("at least one sample"),
+            latency_samples: pg.samples,
+            latency_p50_ms: pg.p50,
+            latency_p99_ms: pg.p99,
+            latency_max_ms: pg.max,
+            embedded_latency_samples: embedded.samples,
+            embedded_latency_p50_ms: embedded.p50,
+            embedded_latency_p99_ms: embedded.p99,
+            embedded_latency_max_ms: embedded.max,
         })
     }
     .await;
@@ -358,6 +483,15 @@ pub fn print(report: &BenchReport, json: bool) {
         report.latency_p99_ms,
         report.latency_max_ms,
         report.latency_samples
+    );
+    println!("Embedded (SQLite + embedded broker)");
+    println!(
+        "  commit-to-publish at {}/s        : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+        report.latency_rate_per_sec,
+        report.embedded_latency_p50_ms,
+        report.embedded_latency_p99_ms,
+        report.embedded_latency_max_ms,
+        report.embedded_latency_samples
     );
 }
 

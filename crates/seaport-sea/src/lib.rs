@@ -8,10 +8,13 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_backlog;
+pub mod bench_http;
 pub mod cases;
 pub mod chaos;
 pub mod consumers;
 pub mod crm;
+pub mod observe;
 pub mod openapi;
 pub mod trace;
 pub mod webhooks;

@@ -61,6 +61,11 @@ enum Command {
         /// Failed attempts before a message goes to the dead letters (`seaport dlq list`).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
         max_attempts: u32,
+        /// Deliveries a consumer commits in one transaction when a backlog has queued up
+        /// (1 = a transaction per delivery). A failure in a batch reprocesses its deliveries one
+        /// by one.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        consumer_batch: u64,
         /// The CRM customers are looked up in (behind a circuit breaker; cached or `unverified`
         /// fallback), e.g. http://127.0.0.1:8090 from `seaport demo-crm`.
         #[arg(long, env = "SEAPORT_CRM_URL")]
@@ -168,6 +173,57 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure POST /cases requests/s and latency (p50, p99) over real HTTP with the
+    /// Idempotency-Key layer vs the same handler without it, on SQLite and PostgreSQL.
+    BenchHttp {
+        /// PostgreSQL server to create a scratch database on.
+        #[arg(
+            long,
+            env = "SEAPORT_BENCH_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        admin_database_url: String,
+        /// Which databases: embedded (SQLite), postgres or both.
+        #[arg(long, default_value = "both")]
+        backend: seaport_sea::bench_http::Backends,
+        /// Concurrent keep-alive connections, each sending requests back-to-back.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        connections: u64,
+        /// Measured duration of each run.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        seconds: u64,
+        /// Unrecorded load before each measured run.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=600))]
+        warmup_seconds: u64,
+        /// Rounds of (bare, layered) runs; the median round of each is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// Print the report (every round included) as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the peak RSS of a relay and a worker process (`serve --role ...`) draining a
+    /// pre-filled backlog at several sizes, on PostgreSQL + JetStream: it must not grow with the
+    /// backlog.
+    BenchBacklog {
+        /// PostgreSQL server to create the scratch databases on.
+        #[arg(
+            long,
+            env = "SEAPORT_BENCH_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        admin_database_url: String,
+        #[arg(long, env = "SEAPORT_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Backlog sizes (events in the pre-filled outbox), comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [100_000usize, 1_000_000])]
+        backlogs: Vec<usize>,
+        /// Fail when a drain makes no progress for this many seconds.
+        #[arg(long, default_value_t = 60)]
+        stall_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Dead letters: messages a consumer could not process within its deliveries.
     Dlq {
         #[command(subcommand)]
@@ -253,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             idempotency_retention_hours,
             ack_wait_secs,
             max_attempts,
+            consumer_batch,
             crm_url,
             crm_timeout_ms,
             stripe_webhook_secret,
@@ -283,6 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.idempotency_retention = Duration::from_secs(idempotency_retention_hours * 3600);
             config.ack_wait = Duration::from_secs(ack_wait_secs);
             config.max_attempts = max_attempts;
+            config.consumer_batch = consumer_batch as usize;
             config.crm_url = crm_url;
             config.crm_timeout = Duration::from_millis(crm_timeout_ms);
             config.webhooks = seaport_sea::webhooks::Webhooks::configure(
@@ -380,6 +438,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             seaport_sea::bench::print(&report, json);
             Ok(())
+        }
+        Command::BenchBacklog {
+            admin_database_url,
+            nats_url,
+            backlogs,
+            stall_secs,
+            json,
+        } => {
+            let report = seaport_sea::bench_backlog::run(seaport_sea::bench_backlog::BacklogConfig {
+                admin_database_url,
+                nats_url,
+                backlogs,
+                stall_timeout: Duration::from_secs(stall_secs),
+            })
+            .await?;
+            seaport_sea::bench_backlog::print(&report, json)
+        }
+        Command::BenchHttp {
+            admin_database_url,
+            backend,
+            connections,
+            seconds,
+            warmup_seconds,
+            rounds,
+            json,
+        } => {
+            let report = seaport_sea::bench_http::run(seaport_sea::bench_http::BenchHttpConfig {
+                admin_database_url,
+                backends: backend,
+                connections: connections as usize,
+                seconds,
+                warmup_seconds,
+                rounds: rounds as usize,
+            })
+            .await?;
+            seaport_sea::bench_http::print(&report, json)
         }
         Command::Dlq { command } => {
             let store = open_existing(&cli.data_dir, cli.database_url.clone()).await?;

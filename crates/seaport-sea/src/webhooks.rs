@@ -105,6 +105,20 @@ struct Received {
     payload: Value,
 }
 
+/// Count the signature check by result, and turn a rejection into a 400.
+fn checked<T>(source: &str, result: Result<T, VerifyError>) -> Result<T, Problem> {
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(VerifyError::MissingHeader(_)) => "missing_header",
+        Err(VerifyError::MalformedHeader(_)) => "malformed_header",
+        Err(VerifyError::NoMatchingSignature) => "bad_signature",
+        Err(VerifyError::TimestampTooOld { .. } | VerifyError::TimestampInFuture { .. }) => "stale_timestamp",
+        Err(_) => "error",
+    };
+    seaport::telemetry::webhook_verification(source, label);
+    result.map_err(rejected)
+}
+
 fn rejected(e: VerifyError) -> Problem {
     tracing::warn!(error = %e, "webhook rejected");
     Problem::new(StatusCode::BAD_REQUEST, format!("webhook rejected: {e}"))
@@ -152,7 +166,7 @@ pub async fn stripe(
 ) -> Result<Json<Value>, Problem> {
     let body = body?;
     let verifier = app.webhooks.stripe.as_ref().ok_or_else(|| not_configured("stripe"))?;
-    verifier.verify(&headers, &body, Utc::now()).map_err(rejected)?;
+    checked("stripe", verifier.verify(&headers, &body, Utc::now()))?;
     let event = json_object(&body)?;
     let id = text(&event, "id")?;
     let event_type = text(&event, "type")?;
@@ -198,7 +212,7 @@ pub async fn github(
 ) -> Result<Json<Value>, Problem> {
     let body = body?;
     let verifier = app.webhooks.github.as_ref().ok_or_else(|| not_configured("github"))?;
-    let verified = verifier.verify(&headers, &body, Utc::now()).map_err(rejected)?;
+    let verified = checked("github", verifier.verify(&headers, &body, Utc::now()))?;
     let payload = Value::Object(json_object(&body)?);
     let event = headers
         .get("x-github-event")
@@ -254,7 +268,7 @@ pub async fn standard(
         .sources
         .get(&source)
         .ok_or_else(|| not_configured(&source))?;
-    let verified = verifier.verify(&headers, &body, Utc::now()).map_err(rejected)?;
+    let verified = checked(&source, verifier.verify(&headers, &body, Utc::now()))?;
     let body = json_object(&body)?;
     let event_type = body
         .get("type")

@@ -48,3 +48,32 @@ pub async fn contains_in(db: &Db, consumer: &str, message_id: &str) -> Result<bo
         .await?);
     Ok(found.is_some())
 }
+
+/// Which of `message_ids` has `consumer` processed? One query for a whole batch.
+pub async fn processed_among(
+    db: &Db,
+    consumer: &str,
+    message_ids: &[String],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let found: Vec<String> = match db {
+        Db::Postgres(p) => {
+            sqlx::query_scalar("SELECT message_id FROM seaport_inbox WHERE consumer = $1 AND message_id = ANY($2)")
+                .bind(consumer)
+                .bind(message_ids)
+                .fetch_all(p.pool())
+                .await?
+        }
+        Db::Sqlite(s) => {
+            let ids = serde_json::to_string(message_ids).expect("strings serialise");
+            sqlx::query_scalar(
+                "SELECT message_id FROM seaport_inbox
+                 WHERE consumer = $1 AND message_id IN (SELECT value FROM json_each($2))",
+            )
+            .bind(consumer)
+            .bind(ids)
+            .fetch_all(s.pool())
+            .await?
+        }
+    };
+    Ok(found.into_iter().collect())
+}

@@ -28,6 +28,7 @@ pub mod naming;
 pub mod outbox;
 pub mod retention;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod webhooks;

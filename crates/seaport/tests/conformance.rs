@@ -194,6 +194,7 @@ conformance!(
     panicking_handler_is_a_failed_attempt,
     slow_handler_does_not_block_other_messages_of_the_group,
     last_attempt_that_never_settled_still_ends_in_dead_letters,
+    batched_transactions_keep_single_effects_order_and_isolate_failures,
 );
 
 async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
@@ -274,6 +275,13 @@ impl Broker for Refusing {
     }
     async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError> {
         self.inner.subscribe(stream, config).await
+    }
+    async fn consumer_state(
+        &self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<Option<seaport::broker::ConsumerState>, BrokerError> {
+        self.inner.consumer_state(stream, durable).await
     }
 }
 
@@ -1011,4 +1019,87 @@ fn inbox_retention_shorter_than_the_redelivery_horizon_is_refused() {
     assert!(err.to_string().contains("shorter than the redelivery horizon"), "{err}");
     retention.inbox = Duration::from_secs(3600);
     retention.check_inbox_covers(cfg.redelivery_horizon()).unwrap();
+}
+
+/// Batched transactions (`transaction_batch > 1`): a backlog is processed in shared
+/// transactions, yet every event has exactly one effect, per-key order holds, messages already in
+/// the inbox are skipped, a message that fails twice is retried alone and a poison message is
+/// dead-lettered without taking its batch-mates' effects with it.
+async fn batched_transactions_keep_single_effects_order_and_isolate_failures(kind: Kind) {
+    let f = setup(kind).await;
+    let keys = ["a", "b", "c", "d", "e", "f"];
+    let events = write_keyed(&f, &keys, 15).await;
+    drain(&f).await;
+    let of_key = |k: &str| events.iter().filter(|e| e.subject.as_deref() == Some(k)).collect::<Vec<_>>();
+    // Already processed (say, before a restart): the batch's inbox check must skip them.
+    let skipped: Vec<String> = of_key("e")[..3].iter().map(|e| e.id.clone()).collect();
+    let mut tx = f.db.begin_write().await.unwrap();
+    for id in &skipped {
+        seaport::inbox::record(&mut tx, "batched", id, None).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    // Key "f" holds the failures: one event fails twice then succeeds, one always fails.
+    let (flaky, poison) = (of_key("f")[4].id.clone(), of_key("f")[9].id.clone());
+    let h = Recorder::new("w");
+    h.failures_left.lock().unwrap().insert(flaky.clone(), 2);
+    h.failures_left.lock().unwrap().insert(poison.clone(), usize::MAX);
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("batched", format!("{}.>", f.root)));
+    cfg.base_backoff = Duration::from_millis(20);
+    cfg.max_attempts = 3;
+    cfg.batch_size = 64;
+    cfg.concurrency = 2;
+    cfg.transaction_batch = 16;
+    let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(r.run(stopped));
+    let expected = events.len() - skipped.len() - 1;
+    wait_for("the effects and the dead letter", async || {
+        effects(&f, "batched").await.len() >= expected
+            && count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+
+    let got = effects(&f, "batched").await;
+    let mut ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(before, ids.len(), "an event had two effects");
+    assert_eq!(ids.len(), expected, "one effect per processed event");
+    assert!(ids.contains(&flaky.as_str()), "the flaky event succeeded on a retry");
+    assert!(!ids.contains(&poison.as_str()), "the poison event's writes were rolled back");
+    for id in &skipped {
+        assert!(!ids.contains(&id.as_str()), "an event already in the inbox ran again");
+    }
+    let dead: String = seaport::on_pool!(&f.db, p => sqlx::query_scalar("SELECT message_id FROM seaport_dead_letters").fetch_one(p).await.unwrap());
+    assert_eq!(dead, poison);
+    // Keys without failures kept their order (a retried message gives up its place, as without
+    // batching).
+    let by_id: HashMap<&str, &Event> = events.iter().map(|e| (e.id.as_str(), e)).collect();
+    for key in ["a", "b", "c", "d", "e"] {
+        let ns: Vec<u64> = got
+            .iter()
+            .map(|(id, _)| by_id[id.as_str()])
+            .filter(|e| e.subject.as_deref() == Some(key))
+            .map(|e| e.data.as_ref().unwrap()["n"].as_u64().unwrap())
+            .collect();
+        let first = if key == "e" { 3 } else { 0 };
+        assert_eq!(ns, (first..15).collect::<Vec<u64>>(), "order of {key}");
+    }
+    // The backlog really was committed in shared transactions (PostgreSQL shows each row's
+    // inserting transaction).
+    if let seaport::store::Db::Postgres(p) = &f.db {
+        let transactions: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT xmin::text) FROM effects")
+            .fetch_one(p.pool())
+            .await
+            .unwrap();
+        assert!(
+            (transactions as usize) < expected / 2,
+            "{expected} effects in {transactions} transactions: not batched"
+        );
+    }
+    f.cleanup().await;
 }

@@ -13,17 +13,32 @@ use seaport::http::pagination::{CursorPage, ListRequest, Page};
 use seaport::http::problem::parse_json;
 use seaport::http::{Correlation, Problem};
 use seaport::http::{IdempotencyLayer, IdempotentTx};
+use seaport::store::Tx;
 
-use super::domain::{Case, CreateCaseRequest};
+use super::domain::{Case, CreateCaseRequest, NewCase};
 use super::{CASE_CREATED, SOURCE, repo};
 use crate::app::AppState;
-use crate::crm::{self, CrmError, CustomerCheck, CustomerId};
+use crate::crm::{self, CheckedCustomer, CrmError, CustomerCheck, CustomerId};
 
 pub fn router(app: &AppState) -> Router<AppState> {
     // Only POST is idempotency-protected; keys are scoped by `X-Client-Id` (no authentication yet).
     let idempotency = IdempotencyLayer::new(app.store.clone()).retention(app.idempotency_retention);
     Router::new()
         .route("/cases", get(list_cases).merge(post(create_case).layer(idempotency)))
+        .route("/cases/{id}", get(get_case))
+}
+
+/// The same routes with `POST /cases` *not* behind the Idempotency-Key layer: only for
+/// `seaport bench-http`, which measures what the layer costs. Never serve this.
+///
+/// What differs from [`router`]: no key is read, claimed (its own committed transaction) or
+/// released, the response is not buffered and stored; the handler begins its transaction from
+/// the pool and commits it itself instead of the layer doing both. Parsing, validation, the CRM
+/// check and every write of the case (case row, outbox event) run the same code as
+/// [`create_case`] (`prepare_case`, `write_case`).
+pub fn router_without_idempotency() -> Router<AppState> {
+    Router::new()
+        .route("/cases", get(list_cases).merge(post(create_case_unguarded)))
         .route("/cases/{id}", get(get_case))
 }
 
@@ -76,12 +91,38 @@ pub async fn create_case(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    require_json(&headers)?;
-    let new_case = parse_json::<CreateCaseRequest>(&body)?.validate()?;
+    let (new_case, checked) = prepare_case(&app, &corr, &headers, &body).await?;
+    let mut tx = idempotent.get().await?;
+    write_case(&app, &mut tx, new_case, &checked, &corr).await
+}
+
+/// [`create_case`] without the Idempotency-Key layer (see [`router_without_idempotency`]).
+async fn create_case_unguarded(
+    State(app): State<AppState>,
+    corr: Correlation,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let (new_case, checked) = prepare_case(&app, &corr, &headers, &body).await?;
+    let mut tx = app.store.begin_write().await?;
+    let res = write_case(&app, &mut tx, new_case, &checked, &corr).await?;
+    tx.commit().await?;
+    Ok(res)
+}
+
+/// Everything before the transaction: read and validate the request, check the customer.
+async fn prepare_case(
+    app: &AppState,
+    corr: &Correlation,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(NewCase, CheckedCustomer), Problem> {
+    require_json(headers)?;
+    let new_case = parse_json::<CreateCaseRequest>(body)?.validate()?;
     let customer_id = CustomerId::parse(&new_case.customer_id)
         .map_err(|e| Problem::invalid(StatusCode::UNPROCESSABLE_ENTITY, &[("customer_id", e.to_string())]))?;
     // Asked before the transaction begins: a slow CRM must not hold the database's write lock.
-    let checked = crm::check_customer(app.crm.as_ref(), &app.store, &customer_id, &corr)
+    let checked = crm::check_customer(app.crm.as_ref(), &app.store, &customer_id, corr)
         .await
         .map_err(|e| match e {
             CrmError::NotFound(_) => Problem::invalid(
@@ -90,11 +131,22 @@ pub async fn create_case(
             ),
             other => Problem::internal(other.to_string()),
         })?;
-    let mut tx = idempotent.get().await?;
+    Ok((new_case, checked))
+}
+
+/// The writes of a new case in `tx` (committed by the caller): the CRM's answer, the case row
+/// and its `sea.cases.created` event (outbox); the `201` response.
+async fn write_case(
+    app: &AppState,
+    tx: &mut Tx,
+    new_case: NewCase,
+    checked: &CheckedCustomer,
+    corr: &Correlation,
+) -> Result<Response, Problem> {
     if let (CustomerCheck::Verified, Some(customer)) = (checked.check, &checked.customer) {
         crm::remember(&mut *tx, customer, &crate::consumers::now()).await?;
     }
-    let case = repo::insert(&mut *tx, new_case, &checked, &corr.correlation_id).await?;
+    let case = repo::insert(&mut *tx, new_case, checked, &corr.correlation_id).await?;
     let event = Event::new(
         CASE_CREATED,
         SOURCE,

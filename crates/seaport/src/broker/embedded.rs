@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    Acker, Broker, BrokerError, ConsumerConfig, Delivery, Message, OutgoingMessage, PublishAck, Subscription,
+    Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, Message, OutgoingMessage, PublishAck, Subscription,
     subject_matches, valid_filter, valid_subject,
 };
 use crate::store::now_ms;
@@ -111,6 +111,45 @@ impl EmbeddedBroker {
 
 #[async_trait]
 impl Broker for EmbeddedBroker {
+    async fn consumer_state(&self, stream: &str, durable: &str) -> Result<Option<ConsumerState>, BrokerError> {
+        let pool = self.store.pool();
+        let Some((filter, delivered_seq)): Option<(String, i64)> = sqlx::query_as(
+            "SELECT filter_subject, delivered_seq FROM seaport_broker_consumers WHERE stream = $1 AND name = $2",
+        )
+        .bind(stream)
+        .bind(durable)
+        .fetch_optional(pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        // Per subject, so the filter is applied in one place (`subject_matches`), not in SQL.
+        let ahead: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT subject, COUNT(*) FROM seaport_broker_messages WHERE stream = $1 AND seq > $2 GROUP BY subject",
+        )
+        .bind(stream)
+        .bind(delivered_seq)
+        .fetch_all(pool)
+        .await?;
+        let (ack_pending, redelivered): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE delivery_count > 1) FROM seaport_broker_pending
+             WHERE stream = $1 AND consumer = $2 AND state = 'pending'",
+        )
+        .bind(stream)
+        .bind(durable)
+        .fetch_one(pool)
+        .await?;
+        Ok(Some(ConsumerState {
+            pending: ahead
+                .iter()
+                .filter(|(subject, _)| subject_matches(&filter, subject))
+                .map(|(_, n)| *n as u64)
+                .sum(),
+            ack_pending: ack_pending as u64,
+            redelivered: redelivered as u64,
+        }))
+    }
+
     async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), BrokerError> {
         if let Some(bad) = subjects.iter().find(|s| !valid_filter(s)) {
             return Err(BrokerError::InvalidSubject(bad.to_string()));

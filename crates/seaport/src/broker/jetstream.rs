@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use super::{
-    Acker, Broker, BrokerError, ConsumerConfig, Delivery, MSG_ID_HEADER, Message, OutgoingMessage, PublishAck,
+    Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, MSG_ID_HEADER, Message, OutgoingMessage, PublishAck,
     Subscription, valid_durable, valid_filter, valid_subject,
 };
 
@@ -126,6 +126,21 @@ impl Broker for JetStreamBroker {
             });
         }
         results
+    }
+
+    async fn consumer_state(&self, stream: &str, durable: &str) -> Result<Option<ConsumerState>, BrokerError> {
+        let Ok(s) = self.js.get_stream(stream).await else {
+            return Ok(None);
+        };
+        let Ok(mut c) = s.get_consumer::<consumer::pull::Config>(durable).await else {
+            return Ok(None);
+        };
+        let info = c.info().await.map_err(unavailable)?;
+        Ok(Some(ConsumerState {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        }))
     }
 
     async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError> {

@@ -110,6 +110,21 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Bind to (creating if needed) a durable consumer on `stream`.
     async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError>;
+
+    /// Where a durable consumer stands (for metrics and the admin console); `None` if it does not
+    /// exist (yet).
+    async fn consumer_state(&self, stream: &str, durable: &str) -> Result<Option<ConsumerState>, BrokerError>;
+}
+
+/// Where a durable consumer stands.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct ConsumerState {
+    /// Messages of its subjects not yet handed out.
+    pub pending: u64,
+    /// Handed out, not yet acknowledged (in a worker's hands, or waiting for redelivery).
+    pub ack_pending: u64,
+    /// Of those, how many were delivered more than once.
+    pub redelivered: u64,
 }
 
 /// A worker's handle on a durable consumer.

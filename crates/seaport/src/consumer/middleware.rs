@@ -79,7 +79,11 @@ pub struct InboxDedupe;
 #[async_trait]
 impl Middleware for InboxDedupe {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event, next: Next<'_>) -> Result<(), HandlerError> {
-        if inbox::contains_in(ctx.store, ctx.consumer, &event.id).await? {
+        let seen = match ctx.inbox_hint {
+            Some(seen) => seen, // checked for the whole batch by the runner
+            None => inbox::contains_in(ctx.store, ctx.consumer, &event.id).await?,
+        };
+        if seen {
             tracing::debug!("duplicate skipped by the inbox");
             ctx.verdict = Verdict::Duplicate;
             return Ok(());

@@ -11,15 +11,33 @@
 //! Inside one runner, messages are processed concurrently (up to `concurrency`), except that
 //! events with the same CloudEvents `subject` (the ordering key the outbox partitions by) run one
 //! after the other, in delivery order: a slow handler holds up its own key, not the group.
+//!
+//! **Batched transactions** (`transaction_batch > 1`). One transaction per delivery costs a
+//! commit (a WAL flush) and its round trips per message. With batching, deliveries are spread
+//! over `concurrency` partitions by ordering key; each partition takes what has queued up (up to
+//! `transaction_batch` deliveries), runs the chain for each in turn inside one shared transaction,
+//! commits once, and only then acks them all. The guarantees are unchanged: nothing is acked
+//! before its inbox record and effects are committed, and a crash before the commit redelivers
+//! the whole batch, none of it applied. The inbox pre-check is one query for the batch.
+//!
+//! The trade-offs: (1) if any delivery of a batch fails (error, timeout, panic, a dead letter
+//! that must discard writes, a race lost on the inbox), the shared transaction is rolled back and
+//! every delivery of the batch is processed again alone; the handlers of its batch-mates run a
+//! second time (their database effects still happen once; calls they make outside the
+//! transaction may repeat, as on any redelivery). (2) A slow handler holds up its partition
+//! (about `1/concurrency` of the keys), not only its own key, and on SQLite the batch holds the
+//! write lock from its first write to its commit. Under light load partitions hold one delivery
+//! at a time and behave like the unbatched runner.
 
 pub mod middleware;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError, ConsumerConfig, Delivery, Message};
@@ -65,20 +83,41 @@ pub struct HandlerContext<'a> {
     store: &'a Db,
     outbox: &'a Outbox,
     parent: &'a Event,
-    tx: Option<Tx>,
+    tx: TxSlot<'a>,
+    /// Whether the inbox already holds this message, when the runner checked for a whole batch.
+    pub(crate) inbox_hint: Option<bool>,
+    /// Set when a batched delivery had to discard writes it shares with its batch-mates.
+    abandoned: bool,
     propagate_correlation: bool,
     retry_delay: Option<Duration>,
     verdict: Verdict,
 }
 
+/// Where a delivery's writes go.
+enum TxSlot<'a> {
+    /// Its own transaction, begun on first use.
+    Own(Option<Tx>),
+    /// The transaction of its batch (see "Batched transactions" above); `used` once it wrote.
+    Shared { tx: &'a mut Option<Tx>, used: bool },
+}
+
 impl HandlerContext<'_> {
     /// The transaction of this delivery, begun on first use: a handler that only calls out (or
     /// sleeps) holds no write lock meanwhile. The inbox record joins it after the handler.
+    /// (With batched transactions it is the batch's transaction.)
     pub async fn tx(&mut self) -> Result<&mut Tx, sqlx::Error> {
-        if self.tx.is_none() {
-            self.tx = Some(self.store.begin_write().await?);
+        let store = self.store;
+        let slot = match &mut self.tx {
+            TxSlot::Own(slot) => slot,
+            TxSlot::Shared { tx, used } => {
+                *used = true;
+                &mut **tx
+            }
+        };
+        if slot.is_none() {
+            *slot = Some(store.begin_write().await?);
         }
-        Ok(self.tx.as_mut().expect("just set"))
+        Ok(slot.as_mut().expect("just set"))
     }
 
     /// The database, for reads outside the transaction.
@@ -86,11 +125,22 @@ impl HandlerContext<'_> {
         self.store
     }
 
-    /// Roll back what this delivery wrote so far; a later `tx()` starts afresh.
+    /// Roll back what this delivery wrote so far; a later `tx()` starts afresh. In a batch whose
+    /// transaction this delivery already wrote to, this fails, and the runner processes every
+    /// delivery of the batch again, alone.
     pub async fn discard_writes(&mut self) -> Result<(), sqlx::Error> {
-        match self.tx.take() {
-            Some(tx) => tx.rollback().await,
-            None => Ok(()),
+        match &mut self.tx {
+            TxSlot::Own(slot) => match slot.take() {
+                Some(tx) => tx.rollback().await,
+                None => Ok(()),
+            },
+            TxSlot::Shared { used: false, .. } => Ok(()),
+            TxSlot::Shared { used: true, .. } => {
+                self.abandoned = true;
+                Err(sqlx::Error::Protocol(
+                    "a batched delivery cannot discard its writes alone; the batch is retried delivery by delivery".into(),
+                ))
+            }
         }
     }
 
@@ -149,6 +199,9 @@ pub struct RunnerConfig {
     pub max_backoff: Duration,
     /// An attempt running longer than this fails.
     pub handler_timeout: Duration,
+    /// Deliveries committed together in one transaction; 1 (the default) is one transaction per
+    /// delivery. See "Batched transactions" in the module docs for what larger values trade.
+    pub transaction_batch: usize,
     /// Where dead letters are also announced as events (besides the table), if anywhere.
     pub dead_letter_queue: Option<DeadLetterQueue>,
 }
@@ -163,6 +216,7 @@ impl RunnerConfig {
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(10),
+            transaction_batch: 1,
             dead_letter_queue: None,
         }
     }
@@ -291,8 +345,22 @@ impl ConsumerRunner {
                 "handler timeout is not below the ack wait: a slow attempt may be redelivered to another worker while it runs");
         }
         let mut sub = self.subscribe().await?;
-        let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+        let slots = Arc::new(Semaphore::new(
+            inner.config.concurrency.max(1) * inner.config.transaction_batch.max(1),
+        ));
         let mut tasks = JoinSet::new();
+        // Batched transactions: one queue per partition, each drained by its own task.
+        let partitions: Vec<mpsc::UnboundedSender<Waiting>> = if inner.config.transaction_batch > 1 {
+            (0..inner.config.concurrency.max(1))
+                .map(|_| {
+                    let (send, receive) = mpsc::unbounded_channel();
+                    tasks.spawn(inner.clone().partition(receive));
+                    send
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         loop {
             if *shutdown.borrow() {
                 break;
@@ -324,9 +392,19 @@ impl ConsumerRunner {
             };
             for delivery in batch {
                 let permit = permits.pop().expect("fetched no more than the free slots");
-                Inner::dispatch(&inner, delivery, permit, &mut tasks);
+                if partitions.is_empty() {
+                    Inner::dispatch(&inner, delivery, permit, &mut tasks);
+                } else {
+                    let event = decode(&delivery.message);
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    ordering_key(&delivery, &event).hash(&mut hasher);
+                    let queue = &partitions[(hasher.finish() % partitions.len() as u64) as usize];
+                    // The partition tasks live until their sender is dropped below.
+                    let _ = queue.send((delivery, event, permit));
+                }
             }
         }
+        drop(partitions);
         while tasks.join_next().await.is_some() {}
         Ok(())
     }
@@ -342,14 +420,19 @@ fn decode(message: &Message) -> Result<Event, String> {
     Event::from_json(&message.payload).map_err(|e| format!("undecodable event: {e}"))
 }
 
+/// The ordering key: the event's `subject` (what the outbox partitions by), else its id.
+fn ordering_key(delivery: &Delivery, event: &Result<Event, String>) -> String {
+    match event {
+        Ok(e) => e.subject.clone().unwrap_or_else(|| e.id.clone()),
+        Err(_) => delivery.message.id.clone(),
+    }
+}
+
 impl Inner {
     /// Start `delivery` now, or queue it behind the delivery of the same ordering key in flight.
     fn dispatch(self: &Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit, tasks: &mut JoinSet<()>) {
         let event = decode(&delivery.message);
-        let key = match &event {
-            Ok(e) => e.subject.clone().unwrap_or_else(|| e.id.clone()),
-            Err(_) => delivery.message.id.clone(),
-        };
+        let key = ordering_key(&delivery, &event);
         {
             let mut lanes = self.lanes.lock().expect("lanes lock");
             if let Some(queue) = lanes.get_mut(&key) {
@@ -377,6 +460,18 @@ impl Inner {
     }
 
     async fn process(&self, delivery: &Delivery, event: Result<Event, String>) -> Result<Outcome, BrokerError> {
+        let started = std::time::Instant::now();
+        let outcome = self.process_alone(delivery, event).await?;
+        crate::telemetry::delivery(
+            &self.config.consumer.durable,
+            &outcome,
+            delivery.delivery_count,
+            started.elapsed(),
+        );
+        Ok(outcome)
+    }
+
+    async fn process_alone(&self, delivery: &Delivery, event: Result<Event, String>) -> Result<Outcome, BrokerError> {
         let consumer = self.config.consumer.durable.as_str();
         let event = match event {
             Ok(e) => e,
@@ -406,13 +501,19 @@ impl Inner {
             store: &self.store,
             outbox: &self.outbox,
             parent: &event,
-            tx: None,
+            tx: TxSlot::Own(None),
+            inbox_hint: None,
+            abandoned: false,
             propagate_correlation: false,
             retry_delay: None,
             verdict: Verdict::Processed,
         };
         let result = Next::new(&self.middleware, &*self.handler).run(&mut ctx, &event).await;
-        let (tx, verdict, retry_delay) = (ctx.tx.take(), ctx.verdict.clone(), ctx.retry_delay);
+        let tx = match &mut ctx.tx {
+            TxSlot::Own(slot) => slot.take(),
+            TxSlot::Shared { .. } => unreachable!("a single delivery has its own transaction"),
+        };
+        let (verdict, retry_delay) = (ctx.verdict.clone(), ctx.retry_delay);
         match result {
             Ok(()) => {
                 match verdict {
@@ -449,5 +550,123 @@ impl Inner {
                 })
             }
         }
+    }
+}
+
+impl Inner {
+    /// One partition of a batched runner: take what has queued up, process it as one batch.
+    async fn partition(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<Waiting>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < self.config.transaction_batch {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.process_batch(batch).await;
+        }
+    }
+
+    /// Run the chain for each delivery in one shared transaction, commit, then ack them all; on
+    /// any failure roll back and process each delivery alone (see the module docs).
+    async fn process_batch(&self, batch: Vec<Waiting>) {
+        let consumer = self.config.consumer.durable.as_str();
+        let together = batch.len() > 1 && batch.iter().all(|(_, e, _)| e.is_ok());
+        let settled = if together {
+            match self.try_together(&batch).await {
+                Ok(Some(verdicts)) => Some(verdicts),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(consumer, error = %e, "batch failed; processing its deliveries one by one");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match settled {
+            Some(verdicts) => {
+                for ((delivery, _, permit), (verdict, took)) in batch.into_iter().zip(verdicts) {
+                    if let Err(e) = delivery.ack().await {
+                        // Committed but not acked: the redelivery is skipped by the inbox.
+                        tracing::warn!(consumer, error = %e, "ack failed after commit");
+                    }
+                    drop(permit);
+                    let outcome = match verdict {
+                        Verdict::Processed => Outcome::Processed,
+                        Verdict::Duplicate => Outcome::Duplicate,
+                        Verdict::NotForThisConsumer => Outcome::NotForThisConsumer,
+                        Verdict::DeadLettered(error) => Outcome::DeadLettered { error },
+                    };
+                    crate::telemetry::delivery(consumer, &outcome, delivery.delivery_count, took);
+                }
+            }
+            None => {
+                for (delivery, event, permit) in batch {
+                    if let Err(e) = self.process(&delivery, event).await {
+                        tracing::warn!(consumer, error = %e, "processing failed");
+                    }
+                    drop(permit);
+                }
+            }
+        }
+    }
+
+    /// The shared-transaction attempt: `Ok(Some(verdicts))` if committed, `Ok(None)` if some
+    /// delivery needs to be processed alone (nothing was committed).
+    async fn try_together(&self, batch: &[Waiting]) -> Result<Option<Vec<(Verdict, Duration)>>, sqlx::Error> {
+        let consumer = self.config.consumer.durable.as_str();
+        let ids: Vec<String> = batch
+            .iter()
+            .filter_map(|(_, e, _)| e.as_ref().ok().map(|e| e.id.clone()))
+            .collect();
+        let done: HashSet<String> = crate::inbox::processed_among(&self.store, consumer, &ids).await?;
+        let mut shared: Option<Tx> = None;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        for (delivery, event, _) in batch {
+            let Ok(event) = event else { return Ok(None) };
+            let mut ctx = HandlerContext {
+                consumer,
+                message: &delivery.message,
+                delivery_count: delivery.delivery_count,
+                store: &self.store,
+                outbox: &self.outbox,
+                parent: event,
+                tx: TxSlot::Shared {
+                    tx: &mut shared,
+                    used: false,
+                },
+                inbox_hint: Some(done.contains(&event.id)),
+                abandoned: false,
+                propagate_correlation: false,
+                retry_delay: None,
+                verdict: Verdict::Processed,
+            };
+            let started = std::time::Instant::now();
+            let result = Next::new(&self.middleware, &*self.handler).run(&mut ctx, event).await;
+            let took = started.elapsed();
+            let used = matches!(ctx.tx, TxSlot::Shared { used: true, .. });
+            let (verdict, abandoned) = (ctx.verdict.clone(), ctx.abandoned);
+            drop(ctx);
+            let keeps = match &verdict {
+                Verdict::Processed | Verdict::DeadLettered(_) => true,
+                // Acked without effect: fine only if it wrote nothing into the shared transaction.
+                Verdict::Duplicate | Verdict::NotForThisConsumer => !used,
+            };
+            if result.is_err() || abandoned || !keeps {
+                if let Some(tx) = shared.take() {
+                    tx.rollback().await?;
+                }
+                return Ok(None);
+            }
+            verdicts.push((verdict, took));
+        }
+        if let Some(tx) = shared {
+            crash_point("consumer.before_commit");
+            tx.commit().await?;
+            crash_point("consumer.after_commit");
+        }
+        Ok(Some(verdicts))
     }
 }

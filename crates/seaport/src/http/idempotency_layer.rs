@@ -241,13 +241,18 @@ where
     let fp = fingerprint(parts.method.as_str(), target, &bytes);
     let token = match claim(&config.db, &scope, &key, &fp, config.retention, config.lease).await {
         Err(e) => return Problem::internal(e).into_response(),
-        Ok(Claim::Replay(stored)) => return stored.replay(),
+        Ok(Claim::Replay(stored)) => {
+            crate::telemetry::idempotency_replay();
+            return stored.replay();
+        }
         Ok(Claim::Mismatch) => {
+            crate::telemetry::idempotency_conflict("reused");
             return Problem::unprocessable("this idempotency key was already used for a different request")
                 .with_type("/problems/idempotency-key-reused", "Idempotency key reused")
                 .into_response();
         }
         Ok(Claim::InFlight) => {
+            crate::telemetry::idempotency_conflict("in_flight");
             let mut res = Problem::new(
                 StatusCode::CONFLICT,
                 "a request with this idempotency key is still being processed",

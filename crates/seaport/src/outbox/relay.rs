@@ -22,8 +22,8 @@
 //! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
 //! still finishing its commit, it waits for that writer and then sees its rows.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnection;
@@ -107,59 +107,114 @@ impl Relay {
         if let Some(locks) = &mut self.partitions {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
-        let (seqs, messages) = self.fetch_batch().await?;
-        if seqs.is_empty() {
+        let batch = self.fetch_batch(&[]).await?;
+        if batch.seqs.is_empty() {
             return Ok(RelayPass::default());
         }
-        crash_point("relay.before_publish");
-        let results = self.broker.publish(&messages).await;
-        crash_point("relay.after_publish");
+        let (confirmed, failed) = self.publish(&batch).await;
+        let pass = RelayPass {
+            published: confirmed.len(),
+            failed: failed.len(),
+        };
+        mark(&self.db, confirmed, failed).await?;
+        Ok(pass)
+    }
 
-        let now = now_ms();
-        let mut confirmed = Vec::with_capacity(seqs.len());
-        let mut failed = Vec::new();
-        for (seq, result) in seqs.into_iter().zip(results) {
-            match result {
-                Ok(_) => confirmed.push(seq),
-                Err(e) => failed.push((seq, e.to_string())),
-            }
-        }
-        let mut tx = self.db.begin_write().await?;
-        match &mut tx {
-            crate::store::Tx::Postgres(t) => {
-                sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = ANY($2)")
-                    .bind(now)
-                    .bind(&confirmed)
-                    .execute(&mut **t)
-                    .await?;
-            }
-            crate::store::Tx::Sqlite(t) => {
-                for seq in &confirmed {
-                    sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = $2")
-                        .bind(now)
-                        .bind(seq)
-                        .execute(&mut **t)
-                        .await?;
+    /// Publish everything that is unpublished now, until a fetch comes back empty or the broker
+    /// refuses something.
+    ///
+    /// On PostgreSQL this is a three-stage pipeline: while batch *n* is being published, batch
+    /// *n+1* is fetched (excluding the rows still in flight: no cursor, so a late commit is never
+    /// skipped) and batch *n-1* is being marked published. Batches are still *published* one
+    /// after the other, in order, and the next one only after the broker confirmed the previous:
+    /// a refused message stops the drain before anything behind it goes out.
+    ///
+    /// Marks are committed with `synchronous_commit = off`: a mark lost in a database crash only
+    /// means the row is published again, which the broker's duplicate window (message id = event
+    /// id) and the consumers' inbox absorb. Nothing the relay marks was acknowledged to anyone.
+    pub async fn drain(&mut self) -> Result<RelayPass, sqlx::Error> {
+        if self.partitions.is_none() {
+            // SQLite: one writer at a time; fetch, publish (the embedded broker writes to the
+            // same file) and mark cannot overlap anyway.
+            let mut total = RelayPass::default();
+            loop {
+                let pass = self.run_once().await?;
+                total.published += pass.published;
+                total.failed += pass.failed;
+                if pass.published == 0 || pass.failed > 0 {
+                    return Ok(total);
                 }
             }
         }
-        for (seq, error) in &failed {
-            on_conn!(&mut tx, c => sqlx::query("UPDATE seaport_outbox SET attempts = attempts + 1, last_error = $1 WHERE seq = $2")
-                .bind(error)
-                .bind(seq)
-                .execute(c)
-                .await
-                .map(|_| ()))?;
+        if let Some(locks) = &mut self.partitions {
+            locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
-        tx.commit().await?;
-        Ok(RelayPass {
-            published: confirmed.len(),
-            failed: failed.len(),
-        })
+        let mut total = RelayPass::default();
+        // Rows published (or being published) whose mark has not committed yet.
+        let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        let mut marks: VecDeque<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = VecDeque::new();
+        let mut next = self.fetch_batch(&[]).await;
+        let outcome = loop {
+            let batch = match next {
+                Ok(b) if b.seqs.is_empty() => break Ok(()),
+                Ok(b) => b,
+                Err(e) => break Err(e),
+            };
+            in_flight.lock().expect("in-flight lock").extend(batch.seqs.iter().copied());
+            let exclude: Vec<i64> = in_flight.lock().expect("in-flight lock").iter().copied().collect();
+            let ((confirmed, failed), fetched) = tokio::join!(self.publish(&batch), self.fetch_batch(&exclude));
+            total.published += confirmed.len();
+            total.failed += failed.len();
+            let stop = !failed.is_empty();
+            // At most two marks pending: a slow database slows the relay instead of growing memory.
+            while marks.len() >= 2 {
+                if let Some(m) = marks.pop_front() {
+                    join_mark(m).await?;
+                }
+            }
+            let (db, in_flight) = (self.db.clone(), in_flight.clone());
+            marks.push_back(tokio::spawn(async move {
+                let seqs = batch.seqs;
+                let result = mark(&db, confirmed, failed).await;
+                if result.is_ok() {
+                    let mut held = in_flight.lock().expect("in-flight lock");
+                    for s in &seqs {
+                        held.remove(s);
+                    }
+                }
+                result
+            }));
+            if stop {
+                break Ok(());
+            }
+            next = fetched;
+        };
+        for m in marks {
+            join_mark(m).await?;
+        }
+        outcome.map(|()| total)
+    }
+
+    /// Publish a batch (all messages in flight at once); split the seqs into confirmed and
+    /// refused (with the broker's reason).
+    async fn publish(&self, batch: &Batch) -> (Vec<i64>, Vec<(i64, String)>) {
+        crash_point("relay.before_publish");
+        let results = self.broker.publish(&batch.messages).await;
+        crash_point("relay.after_publish");
+        let mut confirmed = Vec::with_capacity(batch.seqs.len());
+        let mut failed = Vec::new();
+        for (seq, result) in batch.seqs.iter().zip(results) {
+            match result {
+                Ok(_) => confirmed.push(*seq),
+                Err(e) => failed.push((*seq, e.to_string())),
+            }
+        }
+        crate::telemetry::published(confirmed.len(), failed.len());
+        (confirmed, failed)
     }
 
     /// Unpublished rows, oldest first: their seqs and the messages to publish, side by side.
-    async fn fetch_batch(&self) -> Result<(Vec<i64>, Vec<OutgoingMessage>), sqlx::Error> {
+    async fn fetch_batch(&self, exclude: &[i64]) -> Result<Batch, sqlx::Error> {
         let limit = self.config.batch_size as i64;
         let rows = match (&self.db, &self.partitions) {
             (Db::Sqlite(s), _) => {
@@ -178,15 +233,17 @@ impl Relay {
             }
             (Db::Postgres(p), Some(locks)) => {
                 if locks.owned.is_empty() {
-                    return Ok((Vec::new(), Vec::new()));
+                    return Ok(Batch::default());
                 }
                 let owned: Vec<i64> = locks.owned.iter().copied().collect();
                 sqlx::query(
                     "SELECT seq, event_id, topic, envelope FROM seaport_outbox
-                     WHERE published_at IS NULL AND partition = ANY($1) ORDER BY seq LIMIT $2",
+                     WHERE published_at IS NULL AND partition = ANY($1) AND seq <> ALL($3)
+                     ORDER BY seq LIMIT $2",
                 )
                 .bind(&owned)
                 .bind(limit)
+                .bind(exclude)
                 .fetch_all(p.pool())
                 .await?
                 .into_iter()
@@ -195,7 +252,7 @@ impl Relay {
             }
             (Db::Postgres(_), None) => unreachable!("a PostgreSQL relay always has partition locks"),
         };
-        Ok(rows
+        let (seqs, messages) = rows
             .into_iter()
             .map(|(seq, id, topic, payload)| {
                 let headers = BTreeMap::from([
@@ -212,7 +269,8 @@ impl Relay {
                     },
                 )
             })
-            .unzip())
+            .unzip();
+        Ok(Batch { seqs, messages })
     }
 
     /// Run until `shutdown` changes to `true`: drain the outbox, then sleep until the next commit
@@ -228,10 +286,10 @@ impl Relay {
                 return;
             }
             commits.borrow_and_update();
-            let wait = match self.run_once().await {
+            let wait = match self.drain().await {
                 Ok(pass) if pass.failed == 0 && pass.published > 0 => {
                     backoff = Duration::from_millis(50);
-                    continue; // more may be waiting
+                    continue; // rows committed during the drain's last fetch
                 }
                 Ok(pass) if pass.failed == 0 => {
                     backoff = Duration::from_millis(50);
@@ -270,6 +328,55 @@ impl Relay {
             }
         }
     }
+}
+
+/// A batch read from the outbox: seqs and the messages to publish, side by side.
+#[derive(Default)]
+struct Batch {
+    seqs: Vec<i64>,
+    messages: Vec<OutgoingMessage>,
+}
+
+/// Mark `confirmed` rows published and count an attempt (with the reason) on `failed` ones.
+async fn mark(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    let mut tx = db.begin_write().await?;
+    match &mut tx {
+        crate::store::Tx::Postgres(t) => {
+            // Losing this mark in a crash only republishes (see `Relay::drain`): no fsync wait.
+            sqlx::query("SET LOCAL synchronous_commit TO off")
+                .execute(&mut **t)
+                .await?;
+            sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = ANY($2)")
+                .bind(now)
+                .bind(&confirmed)
+                .execute(&mut **t)
+                .await?;
+        }
+        crate::store::Tx::Sqlite(t) => {
+            for seq in &confirmed {
+                sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = $2")
+                    .bind(now)
+                    .bind(seq)
+                    .execute(&mut **t)
+                    .await?;
+            }
+        }
+    }
+    for (seq, error) in &failed {
+        on_conn!(&mut tx, c => sqlx::query("UPDATE seaport_outbox SET attempts = attempts + 1, last_error = $1 WHERE seq = $2")
+            .bind(error)
+            .bind(seq)
+            .execute(c)
+            .await
+            .map(|_| ()))?;
+    }
+    tx.commit().await
+}
+
+async fn join_mark(task: tokio::task::JoinHandle<Result<(), sqlx::Error>>) -> Result<(), sqlx::Error> {
+    task.await
+        .map_err(|e| sqlx::Error::Protocol(format!("the mark task failed: {e}")))?
 }
 
 /// The relay partitions one relay owns, as session advisory locks on a dedicated connection.
