@@ -152,8 +152,9 @@ async fn write_case(
         SOURCE,
         serde_json::to_value(&case).expect("case serialises"),
     )
-    .with_subject(&case.id)
-    .correlated(&corr.correlation_id, Some(corr.request_id.clone()));
+    .with_subject(&case.id);
+    // Correlation id, this request as causation, and the request's trace context.
+    let event = corr.stamp(event);
     app.outbox
         .insert_to(&mut *tx, &app.topics.topic(CASE_CREATED), &event)
         .await?;

@@ -59,11 +59,20 @@ pub struct Correlation;
 impl Middleware for Correlation {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event, next: Next<'_>) -> Result<(), HandlerError> {
         ctx.propagate_correlation = true;
+        // The trace continues here: the event's `traceparent` (set from the HTTP request, or
+        // from the event that caused it) names the trace and the span this one descends from.
+        let trace = event
+            .extensions
+            .get("traceparent")
+            .and_then(|v| v.as_str())
+            .and_then(crate::http::correlation::TraceParent::parse);
         let span = tracing::info_span!("consume",
             consumer = %ctx.consumer,
             event_id = %event.id,
             event_type = %event.ty,
             correlation_id = event.correlationid.as_deref().unwrap_or(&event.id),
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+            parent_span_id = trace.as_ref().map(|t| t.span_id.as_str()),
             delivery = ctx.delivery_count);
         next.run(ctx, event).instrument(span).await
     }

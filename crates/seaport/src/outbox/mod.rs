@@ -71,9 +71,10 @@ impl Outbox {
         let partition = partition_of(event.subject.as_deref().unwrap_or(&event.id));
         let envelope = event.to_json();
         let now = now_ms();
+        let traceparent = event.extensions.get("traceparent").and_then(|v| v.as_str());
         let seq = on_conn!(tx, c => sqlx::query_scalar(
-            "INSERT INTO seaport_outbox (event_id, topic, ordering_key, partition, envelope, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+            "INSERT INTO seaport_outbox (event_id, topic, ordering_key, partition, envelope, created_at, traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
         )
         .bind(&event.id)
         .bind(topic)
@@ -81,6 +82,7 @@ impl Outbox {
         .bind(partition)
         .bind(&envelope)
         .bind(now)
+        .bind(traceparent)
         .fetch_one(c)
         .await)?;
         Ok(seq)

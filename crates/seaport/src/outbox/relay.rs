@@ -220,7 +220,7 @@ impl Relay {
             (Db::Sqlite(s), _) => {
                 let mut tx = s.begin_write().await?;
                 let rows = sqlx::query(
-                    "SELECT seq, event_id, topic, envelope FROM seaport_outbox
+                    "SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox
                      WHERE published_at IS NULL ORDER BY seq LIMIT $1",
                 )
                 .bind(limit)
@@ -228,8 +228,8 @@ impl Relay {
                 .await?;
                 tx.commit().await?;
                 rows.into_iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                    .collect::<Vec<(i64, String, String, Vec<u8>)>>()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                    .collect::<Vec<(i64, String, String, Vec<u8>, Option<String>)>>()
             }
             (Db::Postgres(p), Some(locks)) => {
                 if locks.owned.is_empty() {
@@ -237,7 +237,7 @@ impl Relay {
                 }
                 let owned: Vec<i64> = locks.owned.iter().copied().collect();
                 sqlx::query(
-                    "SELECT seq, event_id, topic, envelope FROM seaport_outbox
+                    "SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox
                      WHERE published_at IS NULL AND partition = ANY($1) AND seq <> ALL($3)
                      ORDER BY seq LIMIT $2",
                 )
@@ -247,18 +247,23 @@ impl Relay {
                 .fetch_all(p.pool())
                 .await?
                 .into_iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
                 .collect()
             }
             (Db::Postgres(_), None) => unreachable!("a PostgreSQL relay always has partition locks"),
         };
         let (seqs, messages) = rows
             .into_iter()
-            .map(|(seq, id, topic, payload)| {
-                let headers = BTreeMap::from([
+            .map(|(seq, id, topic, payload, traceparent)| {
+                let mut headers = BTreeMap::from([
                     (MSG_ID_HEADER.to_owned(), id.clone()),
                     ("content-type".to_owned(), CLOUDEVENTS_JSON.to_owned()),
                 ]);
+                // The trace context travels as a header too, for tools that do not read payloads.
+                if let Some(t) = traceparent {
+                    tracing::debug!(event_id = %id, traceparent = %t, "relaying");
+                    headers.insert("traceparent".to_owned(), t);
+                }
                 (
                     seq,
                     OutgoingMessage {
