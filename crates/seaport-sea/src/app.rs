@@ -125,6 +125,9 @@ pub struct Config {
     /// The webhook receivers and their secrets (none configured: every webhook route is 404).
     pub webhooks: Webhooks,
     pub retention: RetentionConfig,
+    /// Enables replay in the admin console (`None`: the console is read-only). Redacted in
+    /// `Debug`.
+    pub admin_token: Option<crate::admin::AdminToken>,
 }
 
 impl Config {
@@ -146,6 +149,7 @@ impl Config {
             crm_timeout: Duration::from_secs(2),
             webhooks: Webhooks::default(),
             retention: RetentionConfig::default(),
+            admin_token: None,
         }
     }
 
@@ -232,7 +236,8 @@ pub fn router(state: AppState, role: Role) -> Router {
         router = router
             .merge(crate::cases::routes::router(&state))
             .merge(crate::webhooks::router())
-            .route("/trace/{correlation_id}", get(crate::trace::route));
+            .route("/trace/{correlation_id}", get(crate::trace::route))
+            .merge(crate::admin::router());
     }
     router
         .fallback(|| async { Problem::not_found("no such resource") })
@@ -392,7 +397,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         broker: Some(broker.clone()),
         stream: config.stream.clone(),
     };
-    let app = router(state, config.role);
+    let mut app = router(state, config.role);
+    // The admin console allows replay only with a token in the request's extensions.
+    if let Some(token) = &config.admin_token {
+        app = app.layer(axum::Extension(token.clone()));
+    }
     let mut r = stopped.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)

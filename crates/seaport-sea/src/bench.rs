@@ -77,7 +77,11 @@ fn percentiles(committed: &Stamps, arrived: &Stamps, total: usize) -> anyhow::Re
         committed.lock().expect("not poisoned"),
         arrived.lock().expect("not poisoned"),
     );
-    anyhow::ensure!(arrived.len() >= total, "only {} of {total} events arrived", arrived.len());
+    anyhow::ensure!(
+        arrived.len() >= total,
+        "only {} of {total} events arrived",
+        arrived.len()
+    );
     let mut lat: Vec<f64> = committed
         .iter()
         .filter_map(|(id, c)| {
@@ -99,12 +103,7 @@ fn percentiles(committed: &Stamps, arrived: &Stamps, total: usize) -> anyhow::Re
 
 /// `writers` tasks writing one event per transaction to the outbox, together `rate` per second
 /// for `seconds`; each commit time is stamped in `committed`. Returns the number written.
-async fn steady_writers(
-    db: &Db,
-    topic: &str,
-    config: &BenchConfig,
-    committed: &Stamps,
-) -> anyhow::Result<usize> {
+async fn steady_writers(db: &Db, topic: &str, config: &BenchConfig, committed: &Stamps) -> anyhow::Result<usize> {
     let per_writer = Duration::from_secs_f64(config.writers as f64 / config.rate as f64);
     let total = (config.rate * config.seconds) as usize;
     let mut writers = Vec::new();
@@ -357,7 +356,11 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         let mut consumed = 0;
         let mut messages = raw_consumer.messages().await?;
         while consumed < events.len() {
-            let m = messages.next().await.context("the raw consumer ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let m = messages
+                .next()
+                .await
+                .context("the raw consumer ended")?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
             consumed += 1;
         }
@@ -373,15 +376,21 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         runner_config.batch_size = WINDOW;
         runner_config.concurrency = 8;
         runner_config.transaction_batch = 128;
-        let runner = ConsumerRunner::new(db.clone(), broker.clone(), &relay_stream, runner_config, Arc::new(Effect));
+        let runner = ConsumerRunner::new(
+            db.clone(),
+            broker.clone(),
+            &relay_stream,
+            runner_config,
+            Arc::new(Effect),
+        );
         let (stop_consumer, consumer_stopped) = watch::channel(false);
         let started = Instant::now();
         let consumer_task = tokio::spawn(runner.run(consumer_stopped));
+        // Done when JetStream has every message acked (a cheap server call; counting the
+        // effects table every few ms would cost the database more than the consumer does).
         loop {
-            let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bench_effects")
-                .fetch_one(store.pool())
-                .await?;
-            if done as usize >= events.len() {
+            let state = broker.consumer_state(&relay_stream, "bench_consumer").await?;
+            if state.is_some_and(|s| s.pending == 0 && s.ack_pending == 0) {
                 break;
             }
             anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
@@ -390,7 +399,18 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         let consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
         let _ = stop_consumer.send(true);
         let _ = consumer_task.await;
-        eprintln!("consumer runner: {consume_rate:.0}/s ({:.2}x raw)", consume_rate / raw_consume_rate);
+        let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bench_effects")
+            .fetch_one(store.pool())
+            .await?;
+        anyhow::ensure!(
+            done as usize == events.len(),
+            "{done} effects for {} events",
+            events.len()
+        );
+        eprintln!(
+            "consumer runner: {consume_rate:.0}/s ({:.2}x raw)",
+            consume_rate / raw_consume_rate
+        );
 
         // 2. Commit-to-publish latency at a steady rate.
         let received: Stamps = Arc::default();
@@ -425,7 +445,10 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         let _ = relay_task.await;
         listener.abort();
         let pg = percentiles(&committed, &received, total)?;
-        eprintln!("commit-to-publish (PostgreSQL + JetStream): p50 {:.2} ms, p99 {:.2} ms", pg.p50, pg.p99);
+        eprintln!(
+            "commit-to-publish (PostgreSQL + JetStream): p50 {:.2} ms, p99 {:.2} ms",
+            pg.p50, pg.p99
+        );
         let embedded = embedded_latency(config).await?;
         Ok(BenchReport {
             events: events.len(),

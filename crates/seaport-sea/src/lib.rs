@@ -4,8 +4,10 @@
 //! - [`cases`]: the domain, its SQL and routes (`POST/GET /cases`, `GET /cases/{id}`)
 //! - [`consumers`]: the fan-out consumers analytics, notifications and audit
 //! - [`trace`]: `GET /trace/{correlation_id}`, the causal tree of one request
+//! - [`admin`]: the admin console (`/admin`), HTML for operators
 //! - [`app`]: wiring of storage, broker, relay, consumers and HTTP
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod bench_backlog;

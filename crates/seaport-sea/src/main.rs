@@ -94,6 +94,10 @@ enum Command {
             hide_env_values = true
         )]
         webhook_sources: Vec<String>,
+        /// Enables replay in the admin console (`/admin`, read-only without it); at least 16
+        /// characters. Prefer the environment: flags show in `ps`.
+        #[arg(long, env = "SEAPORT_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
     },
     /// Fault injection: run the service as separate processes, load it with idempotent
     /// requests, kill -9 processes (and NATS) meanwhile, then check the history for lost
@@ -266,6 +270,9 @@ enum DlqCommand {
         stream: String,
         #[arg(long, default_value = "sea")]
         subject_root: String,
+        /// Print `{"replayed": [ids]}` instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -276,6 +283,23 @@ enum OutboxCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A progress bar on stderr when it is a terminal and the work is long enough to watch; `None`
+/// otherwise (pipes, CI logs and scripts get plain lines).
+fn progress(total: u64, what: &'static str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if total < 2 || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    Some(bar)
 }
 
 fn main() -> ExitCode {
@@ -315,6 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stripe_webhook_secret,
             github_webhook_secret,
             webhook_sources,
+            admin_token,
             nats_url,
             role,
             stream,
@@ -348,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 github_webhook_secret.as_deref(),
                 &webhook_sources,
             )?;
+            config.admin_token = seaport_sea::admin::AdminToken::configure(admin_token.as_deref())?;
             config.retention.outbox = Duration::from_secs(outbox_retention_hours * 3600);
             config.retention.inbox = Duration::from_secs(inbox_retention_hours * 3600);
             let running = app::start(config).await?;
@@ -425,7 +451,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let (bare, guarded) = seaport_sea::bench::breaker_overhead(200_000, 7).await;
-            eprintln!("circuit breaker (closed): {guarded:.0} ns/call vs {bare:.0} ns bare: {:.0} ns overhead", guarded - bare);
+            eprintln!(
+                "circuit breaker (closed): {guarded:.0} ns/call vs {bare:.0} ns bare: {:.0} ns overhead",
+                guarded - bare
+            );
             let report = seaport_sea::bench::run(seaport_sea::bench::BenchConfig {
                 database_admin_url: admin_database_url,
                 nats_url,
@@ -537,6 +566,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     nats_url,
                     stream,
                     subject_root,
+                    json,
                 } => {
                     let mut config = Config::embedded(&cli.data_dir);
                     config.database_url = cli.database_url;
@@ -554,11 +584,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .collect(),
                         None => anyhow::bail!("give a dead letter id or --all"),
                     };
+                    // A bar on a terminal for long replays; plain lines (or JSON) otherwise.
+                    let bar = progress(ids.len() as u64, "replaying dead letters");
+                    let mut replayed = Vec::with_capacity(ids.len());
                     for id in &ids {
-                        seaport::dead_letters::replay(&store, broker.as_ref(), *id).await?;
-                        println!("replayed dead letter #{id}");
+                        seaport::dead_letters::replay(&store, broker.as_ref(), *id)
+                            .await
+                            .with_context(|| {
+                                format!("replay of dead letter #{id} failed (replayed before it: {replayed:?})")
+                            })?;
+                        replayed.push(*id);
+                        match &bar {
+                            Some(bar) => bar.inc(1),
+                            None if !json => println!("replayed dead letter #{id}"),
+                            None => {}
+                        }
                     }
-                    if ids.is_empty() {
+                    if let Some(bar) = bar {
+                        bar.finish_with_message(format!("replayed {} dead letters", replayed.len()));
+                    }
+                    if json {
+                        println!("{}", serde_json::json!({ "replayed": replayed }));
+                    } else if ids.is_empty() {
                         println!("nothing to replay");
                     }
                 }

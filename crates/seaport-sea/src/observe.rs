@@ -49,8 +49,7 @@ pub async fn route(State(app): State<AppState>) -> Result<Response, Problem> {
     let outbox = seaport::outbox::status(&app.store).await.map_err(Problem::internal)?;
     metrics::gauge!("seaport_outbox_backlog").set(outbox.unpublished as f64);
     metrics::gauge!("seaport_outbox_failing").set(outbox.failing as f64);
-    metrics::gauge!("seaport_outbox_lag_seconds")
-        .set(outbox.oldest_unpublished_age_ms.unwrap_or(0) as f64 / 1000.0);
+    metrics::gauge!("seaport_outbox_lag_seconds").set(outbox.oldest_unpublished_age_ms.unwrap_or(0) as f64 / 1000.0);
     for consumer in CONSUMERS {
         let Some(broker) = &app.broker else { break };
         match broker.consumer_state(&app.stream, consumer).await {

@@ -37,8 +37,12 @@ async fn scrape(s: &TestService) -> BTreeMap<String, f64> {
 }
 
 fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
-    *m.get(series)
-        .unwrap_or_else(|| panic!("{series} missing from /metrics; have: {:#?}", m.keys().collect::<Vec<_>>()))
+    *m.get(series).unwrap_or_else(|| {
+        panic!(
+            "{series} missing from /metrics; have: {:#?}",
+            m.keys().collect::<Vec<_>>()
+        )
+    })
 }
 
 async fn broker_of(s: &TestService) -> Arc<dyn Broker> {
@@ -106,11 +110,21 @@ async fn scenario(s: &TestService) {
 
     wait_for("every consumer to settle everything", async || {
         s.count("SELECT COUNT(*) FROM seaport_dead_letters").await == 4
-            && s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await == 0
-            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", AUDIT).await == 3
-            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", ANALYTICS).await == 3
-            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", NOTIFICATIONS).await == 3
-            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", CONTEXT).await == 1
+            && s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+                .await
+                == 0
+            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", AUDIT)
+                .await
+                == 3
+            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", ANALYTICS)
+                .await
+                == 3
+            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", NOTIFICATIONS)
+                .await
+                == 3
+            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE consumer = $1", CONTEXT)
+                .await
+                == 1
     })
     .await;
 }
@@ -123,7 +137,10 @@ async fn metrics_show_the_values_of_a_scripted_scenario() {
     // Acks and the last gauges settle just after the effects commit.
     let mut m = scrape(&s).await;
     for _ in 0..100 {
-        if CONSUMERS_IDLE.iter().all(|c| m.get(&format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")) == Some(&0.0)) {
+        if CONSUMERS_IDLE
+            .iter()
+            .all(|c| m.get(&format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")) == Some(&0.0))
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -139,23 +156,87 @@ async fn metrics_show_the_values_of_a_scripted_scenario() {
     assert_eq!(get(&m, "seaport_outbox_backlog"), 0.0);
     assert_eq!(get(&m, "seaport_outbox_lag_seconds"), 0.0);
     for c in [ANALYTICS, NOTIFICATIONS, AUDIT] {
-        assert_eq!(get(&m, &format!("seaport_consumer_messages_total{{consumer=\"{c}\",outcome=\"processed\"}}")), 3.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_consumer_messages_total{{consumer=\"{c}\",outcome=\"dead_lettered\"}}")), 1.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_consumer_handler_duration_seconds_count{{consumer=\"{c}\"}}")), 4.0, "{c}");
-        assert!(get(&m, &format!("seaport_consumer_handler_duration_seconds_sum{{consumer=\"{c}\"}}")) > 0.0);
+        assert_eq!(
+            get(
+                &m,
+                &format!("seaport_consumer_messages_total{{consumer=\"{c}\",outcome=\"processed\"}}")
+            ),
+            3.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(
+                &m,
+                &format!("seaport_consumer_messages_total{{consumer=\"{c}\",outcome=\"dead_lettered\"}}")
+            ),
+            1.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(
+                &m,
+                &format!("seaport_consumer_handler_duration_seconds_count{{consumer=\"{c}\"}}")
+            ),
+            4.0,
+            "{c}"
+        );
+        assert!(
+            get(
+                &m,
+                &format!("seaport_consumer_handler_duration_seconds_sum{{consumer=\"{c}\"}}")
+            ) > 0.0
+        );
     }
     for c in [ANALYTICS, NOTIFICATIONS, AUDIT, CONTEXT] {
-        assert_eq!(get(&m, &format!("seaport_consumer_dead_lettered_total{{consumer=\"{c}\"}}")), 1.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_dead_letters{{consumer=\"{c}\"}}")), 1.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_consumer_pending{{consumer=\"{c}\"}}")), 0.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")), 0.0, "{c}");
+        assert_eq!(
+            get(&m, &format!("seaport_consumer_dead_lettered_total{{consumer=\"{c}\"}}")),
+            1.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(&m, &format!("seaport_dead_letters{{consumer=\"{c}\"}}")),
+            1.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(&m, &format!("seaport_consumer_pending{{consumer=\"{c}\"}}")),
+            0.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(&m, &format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")),
+            0.0,
+            "{c}"
+        );
     }
     assert_eq!(get(&m, "seaport_idempotency_replays_total"), 1.0);
     assert_eq!(get(&m, "seaport_idempotency_conflicts_total{reason=\"reused\"}"), 1.0);
-    assert_eq!(get(&m, "seaport_webhook_verifications_total{source=\"stripe\",result=\"ok\"}"), 1.0);
-    assert_eq!(get(&m, "seaport_webhook_verifications_total{source=\"stripe\",result=\"bad_signature\"}"), 1.0);
-    assert_eq!(get(&m, "seaport_circuit_breaker_state{name=\"crm\"}"), 0.0, "one failure leaves it closed");
-    assert_eq!(get(&m, "seaport_circuit_breaker_calls_total{name=\"crm\",outcome=\"failure\"}"), 1.0);
+    assert_eq!(
+        get(
+            &m,
+            "seaport_webhook_verifications_total{source=\"stripe\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "seaport_webhook_verifications_total{source=\"stripe\",result=\"bad_signature\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(&m, "seaport_circuit_breaker_state{name=\"crm\"}"),
+        0.0,
+        "one failure leaves it closed"
+    );
+    assert_eq!(
+        get(
+            &m,
+            "seaport_circuit_breaker_calls_total{name=\"crm\",outcome=\"failure\"}"
+        ),
+        1.0
+    );
     s.stop().await;
 
     // PostgreSQL + JetStream: the gauges read from the database and JetStream at scrape time.
@@ -163,7 +244,10 @@ async fn metrics_show_the_values_of_a_scripted_scenario() {
     scenario(&s).await;
     let mut m = scrape(&s).await;
     for _ in 0..100 {
-        if CONSUMERS_IDLE.iter().all(|c| m.get(&format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")) == Some(&0.0)) {
+        if CONSUMERS_IDLE
+            .iter()
+            .all(|c| m.get(&format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")) == Some(&0.0))
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -171,9 +255,21 @@ async fn metrics_show_the_values_of_a_scripted_scenario() {
     }
     assert_eq!(get(&m, "seaport_outbox_backlog"), 0.0);
     for c in [ANALYTICS, NOTIFICATIONS, AUDIT, CONTEXT] {
-        assert_eq!(get(&m, &format!("seaport_dead_letters{{consumer=\"{c}\"}}")), 1.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_consumer_pending{{consumer=\"{c}\"}}")), 0.0, "{c}");
-        assert_eq!(get(&m, &format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")), 0.0, "{c}");
+        assert_eq!(
+            get(&m, &format!("seaport_dead_letters{{consumer=\"{c}\"}}")),
+            1.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(&m, &format!("seaport_consumer_pending{{consumer=\"{c}\"}}")),
+            0.0,
+            "{c}"
+        );
+        assert_eq!(
+            get(&m, &format!("seaport_consumer_ack_pending{{consumer=\"{c}\"}}")),
+            0.0,
+            "{c}"
+        );
     }
     s.stop().await;
 }

@@ -78,7 +78,11 @@ async fn one_trace_id_from_the_http_request_to_every_consumer_span() {
         let case: Value = res.json().await.unwrap();
 
         // HTTP request span.
-        assert_eq!(spans(&seen, "request", &trace_id).len(), 1, "{kind:?}: the request span");
+        assert_eq!(
+            spans(&seen, "request", &trace_id).len(),
+            1,
+            "{kind:?}: the request span"
+        );
 
         // The event in the outbox: extension and column.
         let envelope = s
@@ -121,13 +125,12 @@ async fn one_trace_id_from_the_http_request_to_every_consumer_span() {
         // The broker message carries the same trace context as a header.
         let header = match &s.db {
             seaport::store::Db::Sqlite(sqlite) => {
-                let headers: String = sqlx::query_scalar(
-                    "SELECT headers FROM seaport_broker_messages WHERE msg_id = $1",
-                )
-                .bind(event_id)
-                .fetch_one(sqlite.pool())
-                .await
-                .unwrap();
+                let headers: String =
+                    sqlx::query_scalar("SELECT headers FROM seaport_broker_messages WHERE msg_id = $1")
+                        .bind(event_id)
+                        .fetch_one(sqlite.pool())
+                        .await
+                        .unwrap();
                 serde_json::from_str::<Value>(&headers).unwrap()["traceparent"]
                     .as_str()
                     .unwrap()

@@ -1030,7 +1030,12 @@ async fn batched_transactions_keep_single_effects_order_and_isolate_failures(kin
     let keys = ["a", "b", "c", "d", "e", "f"];
     let events = write_keyed(&f, &keys, 15).await;
     drain(&f).await;
-    let of_key = |k: &str| events.iter().filter(|e| e.subject.as_deref() == Some(k)).collect::<Vec<_>>();
+    let of_key = |k: &str| {
+        events
+            .iter()
+            .filter(|e| e.subject.as_deref() == Some(k))
+            .collect::<Vec<_>>()
+    };
     // Already processed (say, before a restart): the batch's inbox check must skip them.
     let skipped: Vec<String> = of_key("e")[..3].iter().map(|e| e.id.clone()).collect();
     let mut tx = f.db.begin_write().await.unwrap();
@@ -1070,7 +1075,10 @@ async fn batched_transactions_keep_single_effects_order_and_isolate_failures(kin
     assert_eq!(before, ids.len(), "an event had two effects");
     assert_eq!(ids.len(), expected, "one effect per processed event");
     assert!(ids.contains(&flaky.as_str()), "the flaky event succeeded on a retry");
-    assert!(!ids.contains(&poison.as_str()), "the poison event's writes were rolled back");
+    assert!(
+        !ids.contains(&poison.as_str()),
+        "the poison event's writes were rolled back"
+    );
     for id in &skipped {
         assert!(!ids.contains(&id.as_str()), "an event already in the inbox ran again");
     }

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, Message, OutgoingMessage, PublishAck, Subscription,
-    subject_matches, valid_filter, valid_subject,
+    Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, Message, OutgoingMessage, PublishAck,
+    Subscription, subject_matches, valid_filter, valid_subject,
 };
 use crate::store::now_ms;
 use crate::store::sqlite::SqliteStore;

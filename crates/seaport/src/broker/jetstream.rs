@@ -15,8 +15,8 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use super::{
-    Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, MSG_ID_HEADER, Message, OutgoingMessage, PublishAck,
-    Subscription, valid_durable, valid_filter, valid_subject,
+    Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, MSG_ID_HEADER, Message, OutgoingMessage,
+    PublishAck, Subscription, valid_durable, valid_filter, valid_subject,
 };
 
 /// Window within which JetStream drops a message whose `Nats-Msg-Id` it has already stored.

@@ -138,7 +138,8 @@ impl HandlerContext<'_> {
             TxSlot::Shared { used: true, .. } => {
                 self.abandoned = true;
                 Err(sqlx::Error::Protocol(
-                    "a batched delivery cannot discard its writes alone; the batch is retried delivery by delivery".into(),
+                    "a batched delivery cannot discard its writes alone; the batch is retried delivery by delivery"
+                        .into(),
                 ))
             }
         }
@@ -587,8 +588,10 @@ impl Inner {
         };
         match settled {
             Some(verdicts) => {
-                for ((delivery, _, permit), (verdict, took)) in batch.into_iter().zip(verdicts) {
-                    if let Err(e) = delivery.ack().await {
+                // All acks in flight at once (each is confirmed by the broker).
+                let acks = futures_util::future::join_all(batch.iter().map(|(d, _, _)| d.ack())).await;
+                for (((delivery, _, permit), (verdict, took)), acked) in batch.into_iter().zip(verdicts).zip(acks) {
+                    if let Err(e) = acked {
                         // Committed but not acked: the redelivery is skipped by the inbox.
                         tracing::warn!(consumer, error = %e, "ack failed after commit");
                     }

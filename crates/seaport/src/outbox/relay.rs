@@ -160,7 +160,10 @@ impl Relay {
                 Ok(b) => b,
                 Err(e) => break Err(e),
             };
-            in_flight.lock().expect("in-flight lock").extend(batch.seqs.iter().copied());
+            in_flight
+                .lock()
+                .expect("in-flight lock")
+                .extend(batch.seqs.iter().copied());
             let exclude: Vec<i64> = in_flight.lock().expect("in-flight lock").iter().copied().collect();
             let ((confirmed, failed), fetched) = tokio::join!(self.publish(&batch), self.fetch_batch(&exclude));
             total.published += confirmed.len();
