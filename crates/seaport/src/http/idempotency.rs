@@ -199,15 +199,27 @@ pub async fn claim(
             return Ok(Claim::InFlight);
         }
     }
+    // Only a key seen expired needs clearing (one that appears meanwhile is not expired).
+    let clear_expired = existing.is_some();
     let token = uuid::Uuid::now_v7().to_string();
     let mut tx = db.begin_write().await?;
-    let outcome = on_conn!(&mut tx, c => {
-        sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3")
-            .bind(scope)
-            .bind(key.as_str())
-            .bind(now)
-            .execute(&mut *c)
+    if let crate::store::Tx::Postgres(t) = &mut tx {
+        // The claim needs no flush of its own: the handler's commit, which makes the outcome
+        // durable, comes later in the same WAL and flushes it too; a claim lost in a crash
+        // before that only frees the key of a request that never answered.
+        sqlx::query("SET LOCAL synchronous_commit TO off")
+            .execute(&mut **t)
             .await?;
+    }
+    let outcome = on_conn!(&mut tx, c => {
+        if clear_expired {
+            sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3")
+                .bind(scope)
+                .bind(key.as_str())
+                .bind(now)
+                .execute(&mut *c)
+                .await?;
+        }
         let inserted = sqlx::query(
             "INSERT INTO seaport_idempotency_keys
                 (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
