@@ -182,6 +182,8 @@ pub async fn claim(
     .bind(key.as_str())
     .fetch_optional(p)
     .await?);
+    // Only a key seen expired needs clearing (one that appears meanwhile is not expired).
+    let clear_expired = existing.is_some();
     if let Some((fp, status, headers, body, locked_until, expires_at)) = existing
         && expires_at > now
     {
@@ -199,8 +201,6 @@ pub async fn claim(
             return Ok(Claim::InFlight);
         }
     }
-    // Only a key seen expired needs clearing (one that appears meanwhile is not expired).
-    let clear_expired = existing.is_some();
     let token = uuid::Uuid::now_v7().to_string();
     let mut tx = db.begin_write().await?;
     if let crate::store::Tx::Postgres(t) = &mut tx {
