@@ -14,7 +14,7 @@
 //! It runs against a fresh database `seaport_bench_*` and private streams, removed afterwards
 //! (and a SQLite file in a scratch directory for the embedded run).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,63 @@ pub struct BenchReport {
     pub embedded_latency_p50_ms: f64,
     pub embedded_latency_p99_ms: f64,
     pub embedded_latency_max_ms: f64,
+    /// Where the time went: CPU seconds per process group in each throughput phase.
+    pub cpu: Vec<CpuPhase>,
+}
+
+/// CPU time spent by each process group during one phase, beside its wall time: on a small
+/// machine the sum shows whether a phase is bound by the cores or by waiting.
+#[derive(Debug, serde::Serialize)]
+pub struct CpuPhase {
+    pub phase: &'static str,
+    pub wall_secs: f64,
+    /// `seaport` (this process), `nats-server`, `postgres` (all backends), `other`.
+    pub cpu_secs: BTreeMap<String, f64>,
+}
+
+/// User + system CPU seconds of every process, grouped by command name, from `/proc`.
+fn cpu_by_process() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    // Linux reports in clock ticks; 100 per second on every mainstream kernel configuration.
+    const TICKS: f64 = 100.0;
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ... utime(14) stime(15)": comm may hold spaces, so split at ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) else {
+            continue;
+        };
+        let secs = (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / TICKS;
+        let group = match comm {
+            c if c.starts_with("seaport") => "seaport",
+            "nats-server" | "postgres" => comm,
+            _ => "other",
+        };
+        *out.entry(group.to_owned()).or_insert(0.0) += secs;
+    }
+    out
+}
+
+fn cpu_phase(phase: &'static str, before: &BTreeMap<String, f64>, wall: Duration) -> CpuPhase {
+    let after = cpu_by_process();
+    let cpu_secs = after
+        .iter()
+        .map(|(k, v)| (k.clone(), (v - before.get(k).copied().unwrap_or(0.0)).max(0.0)))
+        .collect();
+    CpuPhase {
+        phase,
+        wall_secs: wall.as_secs_f64(),
+        cpu_secs,
+    }
 }
 
 /// Latency percentiles, in milliseconds.
@@ -290,6 +347,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
 
         // 1a. The raw limit: bare async-nats, pipelined, same payloads and headers.
         let started = Instant::now();
+        let cpu_before = cpu_by_process();
         let mut in_flight = VecDeque::with_capacity(WINDOW);
         for e in &events {
             let mut headers = async_nats::HeaderMap::new();
@@ -308,6 +366,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         }
         let raw_rate = events.len() as f64 / started.elapsed().as_secs_f64();
         eprintln!("raw JetStream publish: {raw_rate:.0}/s");
+        let mut cpu = vec![cpu_phase("raw publish", &cpu_before, started.elapsed())];
 
         // 1b. The relay, from a pre-filled outbox.
         let outbox = Outbox::new();
@@ -329,6 +388,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             },
         );
         let started = Instant::now();
+        let cpu_before = cpu_by_process();
         let mut published = 0;
         while published < events.len() {
             let pass = relay.drain().await?;
@@ -340,6 +400,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         }
         let relay_rate = events.len() as f64 / started.elapsed().as_secs_f64();
         eprintln!("relay: {relay_rate:.0}/s ({:.2}x raw)", relay_rate / raw_rate);
+        cpu.push(cpu_phase("relay", &cpu_before, started.elapsed()));
         drop(relay);
 
         // 3a. The raw consume limit: a bare async-nats pull consumer, ack per message.
@@ -353,6 +414,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             })
             .await?;
         let started = Instant::now();
+        let cpu_before = cpu_by_process();
         let mut consumed = 0;
         let mut messages = raw_consumer.messages().await?;
         while consumed < events.len() {
@@ -367,6 +429,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         drop(messages);
         let raw_consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
         eprintln!("raw JetStream consume+ack: {raw_consume_rate:.0}/s");
+        cpu.push(cpu_phase("raw consume+ack", &cpu_before, started.elapsed()));
 
         // 3b. The consumer runner: inbox dedupe + one effect row per message, in one transaction.
         sqlx::query("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)")
@@ -385,6 +448,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         );
         let (stop_consumer, consumer_stopped) = watch::channel(false);
         let started = Instant::now();
+        let cpu_before = cpu_by_process();
         let consumer_task = tokio::spawn(runner.run(consumer_stopped));
         // Done when JetStream has every message acked (a cheap server call; counting the
         // effects table every few ms would cost the database more than the consumer does).
@@ -397,6 +461,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        cpu.push(cpu_phase("consumer runner", &cpu_before, started.elapsed()));
         let _ = stop_consumer.send(true);
         let _ = consumer_task.await;
         let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bench_effects")
@@ -467,6 +532,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             embedded_latency_p50_ms: embedded.p50,
             embedded_latency_p99_ms: embedded.p99,
             embedded_latency_max_ms: embedded.max,
+            cpu,
         })
     }
     .await;
@@ -507,6 +573,11 @@ pub fn print(report: &BenchReport, json: bool) {
         report.latency_max_ms,
         report.latency_samples
     );
+    println!("Where the time went (CPU seconds by process during each phase; 2 cores = 2 s per wall second)");
+    for p in &report.cpu {
+        let parts: Vec<String> = p.cpu_secs.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        println!("  {:<16} wall {:>6.2} s: {}", p.phase, p.wall_secs, parts.join(", "));
+    }
     println!("Embedded (SQLite + embedded broker)");
     println!(
         "  commit-to-publish at {}/s        : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
