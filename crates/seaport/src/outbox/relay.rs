@@ -187,7 +187,14 @@ impl Relay {
                 }
                 result
             }));
-            if stop {
+            // A drain under steady load never runs dry: hand back to `run` when partitions are
+            // due for a rebalance, so other relays can get their share (the prefetched batch is
+            // simply read again).
+            let rebalance = self
+                .partitions
+                .as_ref()
+                .is_some_and(|l| l.due(self.config.rebalance_interval));
+            if stop || rebalance {
                 break Ok(());
             }
             next = fetched;
@@ -405,8 +412,12 @@ impl PartitionLocks {
         }
     }
 
+    fn due(&self, every: Duration) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= every)
+    }
+
     async fn rebalance_if_due(&mut self, every: Duration) {
-        if self.last.is_some_and(|t| t.elapsed() < every) {
+        if !self.due(every) {
             return;
         }
         self.last = Some(Instant::now());
