@@ -283,6 +283,48 @@ impl Handler for Effect {
     }
 }
 
+/// A scratch PostgreSQL database for one benchmark run, on the server of `admin_url`; `drop` it
+/// when done (FORCE ends connections a failed run may have left open).
+pub struct ScratchDatabase {
+    admin: sqlx::PgConnection,
+    pub name: String,
+    /// URL of the scratch database (same server and credentials as `admin_url`).
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Create `{prefix}_{tag}`; `prefix` is a fixed identifier, `tag` lowercase hex.
+    pub async fn create(admin_url: &str, prefix: &'static str, tag: &str) -> anyhow::Result<Self> {
+        use sqlx::ConnectOptions as _;
+        let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(admin_url)
+            .context("invalid admin database URL")?
+            .disable_statement_logging(); // DROP DATABASE is slow, and expected to be
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .with_context(|| format!("cannot reach PostgreSQL at {admin_url} (start it: bash scripts/services)"))?;
+        let name = format!("{prefix}_{tag}");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("cannot create the scratch database {name}"))?;
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin_url);
+        let url = format!("{base}/{name}");
+        Ok(ScratchDatabase { admin, name, url })
+    }
+
+    pub async fn drop(mut self) {
+        let name = self.name;
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut self.admin)
+        .await
+        {
+            eprintln!("cannot drop the scratch database {name}: {e}");
+        }
+    }
+}
+
 /// The pipelining window of both the raw loop and the relay (its batch size).
 const WINDOW: usize = 256;
 
@@ -293,29 +335,9 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     );
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let tag = tag[tag.len() - 10..].to_owned();
-    let db_name = format!("seaport_bench_{tag}");
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&config.database_admin_url)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach PostgreSQL at {} (start it: bash scripts/services)",
-                config.database_admin_url
-            )
-        })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await?;
-    let base = config
-        .database_admin_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&config.database_admin_url);
-    let result = measure(&config, &format!("{base}/{db_name}"), &tag).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    let scratch = ScratchDatabase::create(&config.database_admin_url, "seaport_bench", &tag).await?;
+    let result = measure(&config, &scratch.url, &tag).await;
+    scratch.drop().await;
     result
 }
 

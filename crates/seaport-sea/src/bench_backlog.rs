@@ -118,38 +118,20 @@ pub async fn run(config: BacklogConfig) -> anyhow::Result<BacklogReport> {
 async fn run_one(config: &BacklogConfig, js: &Context, exe: &Path, n: usize) -> anyhow::Result<BacklogRun> {
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let tag = &tag[tag.len() - 10..];
-    let db_name = format!("seaport_benchrss_{tag}");
+    let database = crate::bench::ScratchDatabase::create(&config.admin_database_url, "seaport_benchrss", tag).await?;
     let scratch = Scratch {
-        db_name: db_name.clone(),
+        db_name: database.name.clone(),
         stream: format!("BENCHRSS{tag}"),
         root: format!("benchrss{tag}"),
         work: std::env::temp_dir().join(format!("seaport-benchrss-{tag}")),
     };
-    std::fs::create_dir_all(&scratch.work).with_context(|| format!("cannot create {}", scratch.work.display()))?;
-    let options = sqlx::postgres::PgConnectOptions::from_str(&config.admin_database_url)
-        .context("invalid --admin-database-url")?
-        .disable_statement_logging(); // DROP DATABASE is slow, and expected to be
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach PostgreSQL at {} (start it: bash scripts/services)",
-                config.admin_database_url
-            )
-        })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .with_context(|| format!("cannot create the scratch database {db_name}"))?;
-    let base = config
-        .admin_database_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&config.admin_database_url);
+    if let Err(e) = std::fs::create_dir_all(&scratch.work) {
+        database.drop().await;
+        return Err(e).with_context(|| format!("cannot create {}", scratch.work.display()));
+    }
     // Ctrl-C drops the measurement (killing its children) and still tears down.
-    let url = format!("{base}/{db_name}");
     let result = tokio::select! {
-        r = measure(config, js, exe, n, &url, &scratch) => r,
+        r = measure(config, js, exe, n, &database.url, &scratch) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
 
@@ -157,14 +139,7 @@ async fn run_one(config: &BacklogConfig, js: &Context, exe: &Path, n: usize) -> 
     for s in [scratch.stream.clone(), format!("{}_DLQ", scratch.stream)] {
         let _ = js.delete_stream(&s).await;
     }
-    if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    {
-        eprintln!("bench-backlog: cannot drop the scratch database {db_name}: {e}");
-    }
+    database.drop().await;
     match &result {
         Ok(_) => {
             let _ = std::fs::remove_dir_all(&scratch.work);

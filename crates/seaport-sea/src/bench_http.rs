@@ -152,42 +152,19 @@ async fn on_embedded(config: &BenchHttpConfig) -> anyhow::Result<BackendReport> 
 }
 
 async fn on_postgres(config: &BenchHttpConfig) -> anyhow::Result<BackendReport> {
-    let db_name = format!("seaport_benchhttp_{}", tag());
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&config.admin_database_url)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach PostgreSQL at {} (start it: bash scripts/services)",
-                config.admin_database_url
-            )
-        })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .with_context(|| format!("cannot create the scratch database {db_name}"))?;
-    let base = config
-        .admin_database_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&config.admin_database_url);
+    let database =
+        crate::bench::ScratchDatabase::create(&config.admin_database_url, "seaport_benchhttp", &tag()).await?;
     let result = async {
         let mut service = Config::embedded(std::env::temp_dir());
-        service.database_url = Some(format!("{base}/{db_name}"));
+        service.database_url = Some(database.url.clone());
         let store = app::open_store(&service).await?;
         let result = measure(config, "postgres", &store).await;
         store.close().await;
         result
     }
     .await;
-    // Dropped whatever happened above; FORCE ends connections a failed run may have left.
-    if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    {
-        tracing::warn!(database = %db_name, error = %e, "cannot drop the benchmark's scratch database");
-    }
+    // Dropped whatever happened above.
+    database.drop().await;
     result
 }
 
