@@ -29,6 +29,51 @@ pub async fn record<'c>(
     Ok(done == 1)
 }
 
+/// Record several `(message id, correlation id)` at once (one statement: the inbox rows of a
+/// batched transaction). Returns how many were new; fewer than `records.len()` means some
+/// message was processed before, or is being processed by another worker right now.
+pub async fn record_many<'c>(
+    tx: impl Into<Conn<'c>>,
+    consumer: &str,
+    records: &[(String, Option<String>)],
+) -> Result<u64, sqlx::Error> {
+    let now = now_ms();
+    let inserted = match tx.into() {
+        Conn::Postgres(c) => {
+            let (ids, correlations): (Vec<&str>, Vec<Option<&str>>) =
+                records.iter().map(|(id, corr)| (id.as_str(), corr.as_deref())).unzip();
+            sqlx::query(
+                "INSERT INTO seaport_inbox (consumer, message_id, correlation_id, processed_at)
+                 SELECT $1, m, c, $4 FROM UNNEST($2::text[], $3::text[]) AS r(m, c)
+                 ON CONFLICT (consumer, message_id) DO NOTHING",
+            )
+            .bind(consumer)
+            .bind(ids)
+            .bind(correlations)
+            .bind(now)
+            .execute(c)
+            .await?
+            .rows_affected()
+        }
+        Conn::Sqlite(c) => {
+            let rows = serde_json::to_string(records).expect("strings serialise");
+            // `WHERE true`: SQLite's grammar needs it between a SELECT and an upsert clause.
+            sqlx::query(
+                "INSERT INTO seaport_inbox (consumer, message_id, correlation_id, processed_at)
+                 SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), $3 FROM json_each($2) WHERE true
+                 ON CONFLICT (consumer, message_id) DO NOTHING",
+            )
+            .bind(consumer)
+            .bind(rows)
+            .bind(now)
+            .execute(c)
+            .await?
+            .rows_affected()
+        }
+    };
+    Ok(inserted)
+}
+
 /// Has `consumer` processed `message_id`?
 pub async fn contains<'c>(conn: impl Into<Conn<'c>>, consumer: &str, message_id: &str) -> Result<bool, sqlx::Error> {
     let found: Option<String> = on_conn!(conn, c => sqlx::query_scalar("SELECT message_id FROM seaport_inbox WHERE consumer = $1 AND message_id = $2")

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use seaport::Event;
 use seaport::broker::{Broker, BrokerError, ConsumerConfig, OutgoingMessage, PublishAck, Subscription};
-use seaport::consumer::{ConsumerRunner, Handler, HandlerContext, HandlerError, Outcome, RunnerConfig};
+use seaport::consumer::{BatchContext, ConsumerRunner, Handler, HandlerContext, HandlerError, Outcome, RunnerConfig};
 use seaport::dead_letters::DeadLetterQueue;
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::outbox::{self, Outbox};
@@ -195,6 +195,7 @@ conformance!(
     slow_handler_does_not_block_other_messages_of_the_group,
     last_attempt_that_never_settled_still_ends_in_dead_letters,
     batched_transactions_keep_single_effects_order_and_isolate_failures,
+    batch_handler_writes_a_batch_at_once_and_falls_back_per_event_on_failure,
 );
 
 async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
@@ -1109,6 +1110,150 @@ async fn batched_transactions_keep_single_effects_order_and_isolate_failures(kin
             (transactions as usize) < expected,
             "{expected} effects in {transactions} transactions: not batched"
         );
+    }
+    f.cleanup().await;
+}
+
+/// A handler with [`Handler::handle_batch`]: all effects of a batch in one multi-row insert.
+/// A batch holding `poison` fails as a whole (and the poison event fails alone too).
+struct BatchRecorder {
+    poison: String,
+    /// Sizes of the batches `handle_batch` was called with (successful or not).
+    batches: Arc<Mutex<Vec<usize>>>,
+    /// Events `handle` was called with (the per-event fallback).
+    alone: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl Handler for BatchRecorder {
+    async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
+        self.alone.lock().unwrap().push(event.id.clone());
+        if event.id == self.poison {
+            return Err("poison".into());
+        }
+        let (consumer, at) = (ctx.consumer, CLOCK.fetch_add(1, Ordering::SeqCst));
+        seaport::on_conn!(ctx.tx().await?, c => sqlx::query("INSERT INTO effects (consumer, event_id, worker, at) VALUES ($1, $2, 'alone', $3)")
+            .bind(consumer).bind(&event.id).bind(at).execute(c).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    fn handles_batches(&self) -> bool {
+        true
+    }
+
+    async fn handle_batch(&self, ctx: &mut BatchContext<'_>, events: &[&Event]) -> Result<(), HandlerError> {
+        self.batches.lock().unwrap().push(events.len());
+        // One statement for the batch (JSON array of [event id, clock]; portable to both databases).
+        let rows: Vec<(String, i64)> = events
+            .iter()
+            .map(|e| (e.id.clone(), CLOCK.fetch_add(1, Ordering::SeqCst)))
+            .collect();
+        let consumer = ctx.consumer.to_owned();
+        let rows = serde_json::to_string(&rows).unwrap();
+        let sql = match ctx.store() {
+            seaport::store::Db::Postgres(_) => {
+                "INSERT INTO effects (consumer, event_id, worker, at)
+                 SELECT $1, r->>0, 'batch', (r->>1)::bigint FROM jsonb_array_elements($2::jsonb) AS r"
+            }
+            seaport::store::Db::Sqlite(_) => {
+                "INSERT INTO effects (consumer, event_id, worker, at)
+                 SELECT $1, json_extract(value, '$[0]'), 'batch', json_extract(value, '$[1]') FROM json_each($2)"
+            }
+        };
+        seaport::on_conn!(ctx.tx().await?, c => sqlx::query(sql).bind(&consumer).bind(&rows).execute(c).await.map(|_| ()))?;
+        if events.iter().any(|e| e.id == self.poison) {
+            return Err("poison in the batch".into());
+        }
+        Ok(())
+    }
+}
+
+/// [`Handler::handle_batch`]: a backlog is written a batch at a time, every event has exactly one
+/// effect and one inbox record, events already in the inbox are skipped, per-key order holds, and
+/// a batch that fails is rolled back and goes event by event, where the failing event is retried
+/// and dead-lettered without taking its batch-mates' effects with it.
+async fn batch_handler_writes_a_batch_at_once_and_falls_back_per_event_on_failure(kind: Kind) {
+    let f = setup(kind).await;
+    let keys = ["a", "b", "c", "d"];
+    let events = write_keyed(&f, &keys, 25).await;
+    drain(&f).await;
+    let of_key = |k: &str| {
+        events
+            .iter()
+            .filter(|e| e.subject.as_deref() == Some(k))
+            .collect::<Vec<_>>()
+    };
+    let skipped: Vec<String> = of_key("c")[..5].iter().map(|e| e.id.clone()).collect();
+    let mut tx = f.db.begin_write().await.unwrap();
+    for id in &skipped {
+        seaport::inbox::record(&mut tx, "batcher", id, None).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let poison = of_key("d")[12].id.clone();
+    let h = BatchRecorder {
+        poison: poison.clone(),
+        batches: Arc::default(),
+        alone: Arc::default(),
+    };
+    let (batches, alone) = (h.batches.clone(), h.alone.clone());
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("batcher", format!("{}.>", f.root)));
+    cfg.base_backoff = Duration::from_millis(20);
+    cfg.max_attempts = 2;
+    cfg.batch_size = 100;
+    cfg.concurrency = 2;
+    cfg.transaction_batch = 32;
+    let r = ConsumerRunner::new(f.db.clone(), f.broker.clone(), &f.stream, cfg, Arc::new(h));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(r.run(stopped));
+    let expected = events.len() - skipped.len() - 1;
+    wait_for("the effects and the dead letter", async || {
+        effects(&f, "batcher").await.len() >= expected
+            && count(&f, "SELECT COUNT(*) FROM seaport_dead_letters").await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+
+    let got = effects(&f, "batcher").await;
+    let mut ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(before, ids.len(), "an event had two effects");
+    assert_eq!(ids.len(), expected, "one effect per processed event");
+    assert!(!ids.contains(&poison.as_str()), "the failed batch's writes were rolled back");
+    for id in &skipped {
+        assert!(!ids.contains(&id.as_str()), "an event already in the inbox ran again");
+    }
+    assert!(
+        got.iter().any(|(_, worker)| worker == "batch"),
+        "no effect was written by handle_batch"
+    );
+    assert!(
+        batches.lock().unwrap().iter().any(|n| *n > 1),
+        "handle_batch never got more than one event: {:?}",
+        batches.lock().unwrap()
+    );
+    assert!(
+        alone.lock().unwrap().contains(&poison),
+        "the failed batch went event by event"
+    );
+    let dead: String = seaport::on_pool!(&f.db, p => sqlx::query_scalar("SELECT message_id FROM seaport_dead_letters").fetch_one(p).await.unwrap());
+    assert_eq!(dead, poison);
+    // Every processed event is in the inbox (written for the batch in one statement).
+    let recorded = count(&f, "SELECT COUNT(*) FROM seaport_inbox WHERE consumer = 'batcher'").await;
+    assert_eq!(recorded as usize, expected + skipped.len());
+    let by_id: HashMap<&str, &Event> = events.iter().map(|e| (e.id.as_str(), e)).collect();
+    for key in ["a", "b", "c"] {
+        let ns: Vec<u64> = got
+            .iter()
+            .map(|(id, _)| by_id[id.as_str()])
+            .filter(|e| e.subject.as_deref() == Some(key))
+            .map(|e| e.data.as_ref().unwrap()["n"].as_u64().unwrap())
+            .collect();
+        let first = if key == "c" { 5 } else { 0 };
+        assert_eq!(ns, (first..25).collect::<Vec<u64>>(), "order of {key}");
     }
     f.cleanup().await;
 }

@@ -74,6 +74,13 @@ impl Middleware for Correlation {
             trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
             parent_span_id = trace.as_ref().map(|t| t.span_id.as_str()),
             delivery = ctx.delivery_count);
+        // Exporting to OpenTelemetry: events emitted here name this span as their parent.
+        if let Some(own) = crate::http::correlation::adopt_span(&span, trace.as_ref()) {
+            if trace.as_ref().map(|t| &t.trace_id) != Some(&own.trace_id) {
+                span.record("trace_id", own.trace_id.as_str());
+            }
+            ctx.trace = Some(own);
+        }
         next.run(ctx, event).instrument(span).await
     }
 }
@@ -98,7 +105,9 @@ impl Middleware for InboxDedupe {
             return Ok(());
         }
         next.run(ctx, event).await?;
-        if ctx.verdict == Verdict::Processed {
+        if ctx.verdict == Verdict::Processed
+            && !ctx.defer_inbox_record(&event.id, event.correlationid.as_deref())
+        {
             let consumer = ctx.consumer;
             let fresh = inbox::record(ctx.tx().await?, consumer, &event.id, event.correlationid.as_deref()).await?;
             if !fresh {

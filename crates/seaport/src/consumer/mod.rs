@@ -28,6 +28,15 @@
 //! (about `1/concurrency` of the keys), not only its own key, and on SQLite the batch holds the
 //! write lock from its first write to its commit. Under light load partitions hold one delivery
 //! at a time and behave like the unbatched runner.
+//!
+//! Within a batch, the inbox records are written with one multi-row statement just before the
+//! commit; if any of them already exists (another worker won a race), the batch rolls back and
+//! goes delivery by delivery. A handler that also implements [`Handler::handle_batch`] writes its
+//! effects for the batch at once too, so a batch costs a few statements instead of two per
+//! message: the database's per-statement round trip, not the runner, then sets the pace. That
+//! path applies the default stack's policies itself (inbox dedupe, timeout, panic catching, a
+//! span), so it is used only with the default stack, and only for first deliveries that are not
+//! dead-letter replays; everything else goes through the chain.
 
 pub mod middleware;
 
@@ -57,6 +66,55 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError>;
+
+    /// Whether [`handle_batch`](Self::handle_batch) is implemented. Only then, and only with
+    /// the default middleware stack and `transaction_batch > 1`, does the runner use it.
+    fn handles_batches(&self) -> bool {
+        false
+    }
+
+    /// The effects of several deliveries at once, in one transaction: e.g. one multi-row
+    /// statement instead of one statement per event, which is what lets a consumer go past the
+    /// database's per-statement round-trip limit. `events` are in delivery order, never
+    /// duplicates and never already in the inbox; the runner records them in the inbox and
+    /// commits. If this fails (error, timeout, panic), the batch is rolled back and each event
+    /// goes through [`handle`](Self::handle) alone, with retries and dead letters as usual, so
+    /// both must have the same effect.
+    async fn handle_batch(&self, ctx: &mut BatchContext<'_>, events: &[&Event]) -> Result<(), HandlerError> {
+        let _ = (ctx, events);
+        Err("handle_batch is not implemented by this handler".into())
+    }
+}
+
+/// What [`Handler::handle_batch`] gets besides the events.
+pub struct BatchContext<'a> {
+    pub consumer: &'a str,
+    store: &'a Db,
+    outbox: &'a Outbox,
+    tx: &'a mut Option<Tx>,
+}
+
+impl BatchContext<'_> {
+    /// The batch's transaction, begun on first use.
+    pub async fn tx(&mut self) -> Result<&mut Tx, sqlx::Error> {
+        if self.tx.is_none() {
+            *self.tx = Some(self.store.begin_write().await?);
+        }
+        Ok(self.tx.as_mut().expect("just set"))
+    }
+
+    /// The database, for reads outside the transaction.
+    pub fn store(&self) -> &Db {
+        self.store
+    }
+
+    /// Write a follow-up event of `parent` (one of the batch's events) to the outbox in the
+    /// batch's transaction: its correlation id, `parent` as causation, its trace continued.
+    pub async fn emit(&mut self, parent: &Event, event: Event) -> Result<i64, OutboxError> {
+        let event = event.caused_by(parent);
+        let outbox = self.outbox;
+        outbox.insert(self.tx().await?, &event).await
+    }
 }
 
 /// What the chain decided about a delivery that did not fail.
@@ -89,6 +147,9 @@ pub struct HandlerContext<'a> {
     /// Set when a batched delivery had to discard writes it shares with its batch-mates.
     abandoned: bool,
     propagate_correlation: bool,
+    /// This delivery's exported span, when tracing goes to OpenTelemetry: the parent named by
+    /// the events it emits (instead of a fresh child of the consumed event's span).
+    pub(crate) trace: Option<crate::http::correlation::TraceParent>,
     retry_delay: Option<Duration>,
     verdict: Verdict,
 }
@@ -98,7 +159,12 @@ enum TxSlot<'a> {
     /// Its own transaction, begun on first use.
     Own(Option<Tx>),
     /// The transaction of its batch (see "Batched transactions" above); `used` once it wrote.
-    Shared { tx: &'a mut Option<Tx>, used: bool },
+    /// Inbox records wait in `inbox` and are written for the whole batch in one statement.
+    Shared {
+        tx: &'a mut Option<Tx>,
+        used: bool,
+        inbox: &'a mut Vec<(String, Option<String>)>,
+    },
 }
 
 impl HandlerContext<'_> {
@@ -109,7 +175,7 @@ impl HandlerContext<'_> {
         let store = self.store;
         let slot = match &mut self.tx {
             TxSlot::Own(slot) => slot,
-            TxSlot::Shared { tx, used } => {
+            TxSlot::Shared { tx, used, .. } => {
                 *used = true;
                 &mut **tx
             }
@@ -118,6 +184,18 @@ impl HandlerContext<'_> {
             *slot = Some(store.begin_write().await?);
         }
         Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// In a batched transaction, queue this delivery's inbox record for the batch's one
+    /// multi-row insert before its commit (returns `false` outside a batch: record it now).
+    pub(crate) fn defer_inbox_record(&mut self, message_id: &str, correlation_id: Option<&str>) -> bool {
+        match &mut self.tx {
+            TxSlot::Shared { inbox, .. } => {
+                inbox.push((message_id.to_owned(), correlation_id.map(str::to_owned)));
+                true
+            }
+            TxSlot::Own(_) => false,
+        }
     }
 
     /// The database, for reads outside the transaction.
@@ -163,7 +241,13 @@ impl HandlerContext<'_> {
 
     fn stamp(&self, event: Event) -> Event {
         if self.propagate_correlation {
-            event.caused_by(self.parent)
+            let mut event = event.caused_by(self.parent);
+            if let Some(own) = &self.trace {
+                event
+                    .extensions
+                    .insert("traceparent".to_owned(), serde_json::Value::String(own.to_string()));
+            }
+            event
         } else {
             event
         }
@@ -277,6 +361,9 @@ struct Inner {
     config: RunnerConfig,
     handler: Arc<dyn Handler>,
     middleware: Vec<Arc<dyn Middleware>>,
+    /// Batches may bypass the chain only when it is the default one (its policies are what
+    /// the batch path applies itself); a custom stack always runs per delivery.
+    default_stack: bool,
     outbox: Outbox,
     /// Ordering keys in flight, each with the deliveries waiting behind it.
     lanes: Mutex<HashMap<String, VecDeque<Waiting>>>,
@@ -292,7 +379,9 @@ impl ConsumerRunner {
         handler: Arc<dyn Handler>,
     ) -> Self {
         let middleware = config.middleware();
-        Self::with_middleware(store, broker, stream, config, middleware, handler)
+        let mut runner = Self::with_middleware(store, broker, stream, config, middleware, handler);
+        Arc::get_mut(&mut runner.inner).expect("not shared yet").default_stack = true;
+        runner
     }
 
     /// A runner with your own middleware stack (outermost first). Without
@@ -314,6 +403,7 @@ impl ConsumerRunner {
                 config,
                 handler,
                 middleware,
+                default_stack: false,
                 outbox: Outbox::new(),
                 lanes: Mutex::default(),
             }),
@@ -506,6 +596,7 @@ impl Inner {
             inbox_hint: None,
             abandoned: false,
             propagate_correlation: false,
+            trace: None,
             retry_delay: None,
             verdict: Verdict::Processed,
         };
@@ -625,7 +716,15 @@ impl Inner {
             .filter_map(|(_, e, _)| e.as_ref().ok().map(|e| e.id.clone()))
             .collect();
         let done: HashSet<String> = crate::inbox::processed_among(&self.store, consumer, &ids).await?;
+        // First deliveries only, no dead-letter replays: those need the chain's policies.
+        let plain = batch.iter().all(|(d, _, _)| {
+            d.delivery_count == 1 && !d.message.headers.contains_key(dead_letters::REPLAY_FOR_HEADER)
+        });
+        if plain && self.default_stack && self.handler.handles_batches() {
+            return self.try_batch_handler(batch, &done).await;
+        }
         let mut shared: Option<Tx> = None;
+        let mut inbox: Vec<(String, Option<String>)> = Vec::with_capacity(batch.len());
         let mut verdicts = Vec::with_capacity(batch.len());
         for (delivery, event, _) in batch {
             let Ok(event) = event else { return Ok(None) };
@@ -639,10 +738,12 @@ impl Inner {
                 tx: TxSlot::Shared {
                     tx: &mut shared,
                     used: false,
+                    inbox: &mut inbox,
                 },
                 inbox_hint: Some(done.contains(&event.id)),
                 abandoned: false,
                 propagate_correlation: false,
+                trace: None,
                 retry_delay: None,
                 verdict: Verdict::Processed,
             };
@@ -665,11 +766,102 @@ impl Inner {
             }
             verdicts.push((verdict, took));
         }
+        if !inbox.is_empty() && !self.record_inbox(&mut shared, &inbox).await? {
+            return Ok(None);
+        }
         if let Some(tx) = shared {
             crash_point("consumer.before_commit");
             tx.commit().await?;
             crash_point("consumer.after_commit");
         }
         Ok(Some(verdicts))
+    }
+
+    /// The inbox records of a batch, one statement, before its commit. `false` if one of them
+    /// was already there (processed meanwhile by another worker): the batch was rolled back.
+    async fn record_inbox(
+        &self,
+        shared: &mut Option<Tx>,
+        records: &[(String, Option<String>)],
+    ) -> Result<bool, sqlx::Error> {
+        let consumer = self.config.consumer.durable.as_str();
+        if shared.is_none() {
+            *shared = Some(self.store.begin_write().await?);
+        }
+        let tx = shared.as_mut().expect("just set");
+        let fresh = crate::inbox::record_many(&mut *tx, consumer, records).await?;
+        if fresh != records.len() as u64 {
+            tracing::debug!(consumer, "another worker processed part of the batch first; rolling back");
+            if let Some(tx) = shared.take() {
+                tx.rollback().await?;
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// [`Handler::handle_batch`] for the events not yet in the inbox, under the default stack's
+    /// policies: a span with the ids, timeout, panic catching, the inbox records in one
+    /// statement. Any failure: `Ok(None)`, rolled back, and the batch goes delivery by delivery
+    /// (where retries and dead letters apply).
+    async fn try_batch_handler(
+        &self,
+        batch: &[Waiting],
+        done: &HashSet<String>,
+    ) -> Result<Option<Vec<(Verdict, Duration)>>, sqlx::Error> {
+        use futures_util::FutureExt;
+        let consumer = self.config.consumer.durable.as_str();
+        let mut fresh: Vec<&Event> = Vec::with_capacity(batch.len());
+        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
+        let mut verdicts = Vec::with_capacity(batch.len());
+        for (_, event, _) in batch {
+            let Ok(event) = event else { return Ok(None) };
+            let new = !done.contains(&event.id) && seen.insert(event.id.as_str());
+            if new {
+                fresh.push(event);
+            }
+            verdicts.push(if new { Verdict::Processed } else { Verdict::Duplicate });
+        }
+        let started = std::time::Instant::now();
+        let mut shared: Option<Tx> = None;
+        if !fresh.is_empty() {
+            let span = tracing::info_span!("consume_batch", consumer, events = fresh.len(),
+                first_event_id = %fresh[0].id, last_event_id = %fresh[fresh.len() - 1].id);
+            let mut ctx = BatchContext {
+                consumer,
+                store: &self.store,
+                outbox: &self.outbox,
+                tx: &mut shared,
+            };
+            let run = tokio::time::timeout(
+                self.config.handler_timeout,
+                std::panic::AssertUnwindSafe(self.handler.handle_batch(&mut ctx, &fresh)).catch_unwind(),
+            );
+            let failure = match tracing::Instrument::instrument(run, span).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(e))) => Some(e.to_string()),
+                Ok(Err(_)) => Some("handler panicked".to_owned()),
+                Err(_) => Some(format!("handler timed out after {:?}", self.config.handler_timeout)),
+            };
+            if let Some(error) = failure {
+                tracing::warn!(consumer, %error, events = fresh.len(), "batch handler failed; processing the batch delivery by delivery");
+                if let Some(tx) = shared.take() {
+                    tx.rollback().await?;
+                }
+                return Ok(None);
+            }
+            let records: Vec<(String, Option<String>)> =
+                fresh.iter().map(|e| (e.id.clone(), e.correlationid.clone())).collect();
+            if !self.record_inbox(&mut shared, &records).await? {
+                return Ok(None);
+            }
+        }
+        if let Some(tx) = shared {
+            crash_point("consumer.before_commit");
+            tx.commit().await?;
+            crash_point("consumer.after_commit");
+        }
+        let took = started.elapsed();
+        Ok(Some(verdicts.into_iter().map(|v| (v, took)).collect()))
     }
 }
