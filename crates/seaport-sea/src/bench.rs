@@ -13,6 +13,11 @@
 //!
 //! It runs against a fresh database `seaport_bench_*` and private streams, removed afterwards
 //! (and a SQLite file in a scratch directory for the embedded run).
+//!
+//! On a terminal the pre-fill and each throughput phase show a progress bar (see
+//! [`crate::progress`]), moved once per pipelining window or relay pass, never per message, and
+//! drawn at most 20 times a second; both sides of each comparison pay the same. Elsewhere the
+//! phases' result lines on stderr are the progress.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,6 +35,8 @@ use seaport::outbox::Outbox;
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::store::{Db, PgStore};
 use tokio::sync::watch;
+
+use crate::progress;
 
 pub struct BenchConfig {
     pub database_admin_url: String,
@@ -368,10 +375,17 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             .collect();
 
         // 1a. The raw limit: bare async-nats, pipelined, same payloads and headers.
+        let total = events.len() as u64;
+        let bar = progress::bar(total, "raw JetStream publish");
         let started = Instant::now();
         let cpu_before = cpu_by_process();
         let mut in_flight = VecDeque::with_capacity(WINDOW);
-        for e in &events {
+        for (i, e) in events.iter().enumerate() {
+            if i % WINDOW == 0 {
+                if let Some(bar) = &bar {
+                    bar.set_position(i as u64);
+                }
+            }
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(MSG_ID_HEADER, e.id.as_str());
             headers.insert("content-type", seaport::event::CLOUDEVENTS_JSON);
@@ -387,11 +401,16 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             ack.await?;
         }
         let raw_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         eprintln!("raw JetStream publish: {raw_rate:.0}/s");
         let mut cpu = vec![cpu_phase("raw publish", &cpu_before, started.elapsed())];
 
         // 1b. The relay, from a pre-filled outbox.
         let outbox = Outbox::new();
+        let bar = progress::bar(total, "pre-filling the outbox");
+        let prefill_started = Instant::now();
         for chunk in events.chunks(1000) {
             let mut tx = db.begin_write().await?;
             for e in chunk {
@@ -400,7 +419,17 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
                     .await?;
             }
             tx.commit().await?;
+            if let Some(bar) = &bar {
+                bar.inc(chunk.len() as u64);
+            }
         }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "pre-filled the outbox with {total} events in {:.1} s",
+            prefill_started.elapsed().as_secs_f64()
+        );
         let mut relay = Relay::new(
             db.clone(),
             broker.clone(),
@@ -409,6 +438,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
                 ..Default::default()
             },
         );
+        let bar = progress::bar(total, "relay draining the outbox");
         let started = Instant::now();
         let cpu_before = cpu_by_process();
         let mut published = 0;
@@ -419,8 +449,14 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
                 tokio::time::sleep(Duration::from_millis(5)).await; // partitions being taken
             }
             published += pass.published;
+            if let Some(bar) = &bar {
+                bar.set_position(published as u64);
+            }
         }
         let relay_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         eprintln!("relay: {relay_rate:.0}/s ({:.2}x raw)", relay_rate / raw_rate);
         cpu.push(cpu_phase("relay", &cpu_before, started.elapsed()));
         drop(relay);
@@ -435,11 +471,17 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
                 ..Default::default()
             })
             .await?;
+        let bar = progress::bar(total, "raw JetStream consume+ack");
         let started = Instant::now();
         let cpu_before = cpu_by_process();
         let mut consumed = 0;
         let mut messages = raw_consumer.messages().await?;
         while consumed < events.len() {
+            if consumed % WINDOW == 0 {
+                if let Some(bar) = &bar {
+                    bar.set_position(consumed as u64);
+                }
+            }
             let m = messages
                 .next()
                 .await
@@ -450,6 +492,9 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         }
         drop(messages);
         let raw_consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         eprintln!("raw JetStream consume+ack: {raw_consume_rate:.0}/s");
         cpu.push(cpu_phase("raw consume+ack", &cpu_before, started.elapsed()));
 
@@ -469,6 +514,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             Arc::new(Effect),
         );
         let (stop_consumer, consumer_stopped) = watch::channel(false);
+        let bar = progress::bar(total, "consumer runner draining the stream");
         let started = Instant::now();
         let cpu_before = cpu_by_process();
         let consumer_task = tokio::spawn(runner.run(consumer_stopped));
@@ -476,14 +522,20 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         // effects table every few ms would cost the database more than the consumer does).
         loop {
             let state = broker.consumer_state(&relay_stream, "bench_consumer").await?;
-            if state.is_some_and(|s| s.pending == 0 && s.ack_pending == 0) {
+            if state.as_ref().is_some_and(|s| s.pending == 0 && s.ack_pending == 0) {
                 break;
+            }
+            if let (Some(bar), Some(s)) = (&bar, &state) {
+                bar.set_position(total.saturating_sub(s.pending + s.ack_pending));
             }
             anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
         cpu.push(cpu_phase("consumer runner", &cpu_before, started.elapsed()));
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         let _ = stop_consumer.send(true);
         let _ = consumer_task.await;
         let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bench_effects")

@@ -15,6 +15,9 @@
 //! Peak RSS is the kernel's high-water mark (`VmHWM`), so a spike between two samples counts.
 //! Each size gets its own database and private streams (`BENCHRSS*`), removed afterwards, also
 //! on error; the children's stderr goes to a log file whose tail is shown when something fails.
+//!
+//! On a terminal the pre-fill and both drains show a progress bar ([`crate::progress`]), moved
+//! per pre-fill statement and per progress poll; elsewhere a line every 10 s.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -32,6 +35,7 @@ use sqlx::{ConnectOptions as _, PgPool};
 use crate::app::{self, Config, Topics};
 use crate::cases::{CASE_CREATED, Case, SOURCE};
 use crate::consumers::{ANALYTICS, AUDIT, NOTIFICATIONS};
+use crate::progress;
 
 /// The consumers that see every event (the `sea_service__context` group only sees webhooks).
 const FAN_OUT: [&str; 3] = [ANALYTICS, NOTIFICATIONS, AUDIT];
@@ -250,6 +254,7 @@ async fn measure(
 /// in [`seaport::outbox::Outbox::insert_to`].
 async fn prefill(pool: &PgPool, topics: &Topics, n: usize) -> anyhow::Result<()> {
     let topic = topics.topic(CASE_CREATED);
+    let bar = progress::bar(n as u64, "pre-filling the outbox");
     let mut done = 0;
     while done < n {
         let len = PREFILL_CHUNK.min(n - done);
@@ -281,6 +286,12 @@ async fn prefill(pool: &PgPool, topics: &Topics, n: usize) -> anyhow::Result<()>
         .await
         .context("cannot pre-fill the outbox")?;
         done += len;
+        if let Some(bar) = &bar {
+            bar.set_position(done as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
         .fetch_one(pool)
@@ -375,6 +386,7 @@ async fn drain(
     let (mut last_done, mut last_change, mut next_poll) = (0u64, Instant::now(), Instant::now());
     let mut next_report = Instant::now() + Duration::from_secs(10);
     let mut last_error: Option<anyhow::Error> = None;
+    let bar = progress::bar(total, format!("{} draining", svc.name));
     let seconds = loop {
         tick.tick().await;
         if let Some(status) = svc.exited()? {
@@ -405,6 +417,15 @@ async fn drain(
         if done >= total {
             break started.elapsed().as_secs_f64();
         }
+        if let Some(bar) = &bar {
+            bar.set_message(format!(
+                "{} (RSS {:.1} MiB, peak {:.1} MiB)",
+                svc.name,
+                mib(last_rss_kib),
+                mib(peak_kib)
+            ));
+            bar.set_position(done);
+        }
         if done > last_done {
             (last_done, last_change) = (done, Instant::now());
         } else if last_change.elapsed() > stall_timeout {
@@ -416,7 +437,7 @@ async fn drain(
                 svc.tail()
             );
         }
-        if Instant::now() >= next_report {
+        if bar.is_none() && Instant::now() >= next_report {
             next_report += Duration::from_secs(10);
             eprintln!(
                 "bench-backlog:   {} {done}/{total} ({:.0}/s), RSS {:.1} MiB, peak {:.1} MiB",
@@ -427,6 +448,9 @@ async fn drain(
             );
         }
     };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     // The high-water mark once more, now that the whole backlog went through.
     if let Some(m) = Memory::read(svc.pid()) {
         samples += 1;

@@ -10,6 +10,9 @@
 //! UUIDv7 `Idempotency-Key`. Load generator and server share the machine, as they do on a
 //! developer box; the comparison holds because both variants pay for that alike. Variants run
 //! alternately, round after round, and the median round of each is reported.
+//!
+//! On a terminal a progress bar counts the runs ([`crate::progress`]); it moves between runs
+//! only, never while one is measured. Elsewhere each run's result line is the progress.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
+use indicatif::ProgressBar;
 use seaport::http::CorrelationLayer;
 use seaport::http::cursor::CursorCodec;
 use seaport::outbox::Outbox;
@@ -28,6 +32,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::app::{self, AppState, Config, Role};
 use crate::cases::routes::router_without_idempotency;
+use crate::progress;
 use crate::webhooks::Webhooks;
 
 /// Which databases to measure.
@@ -109,12 +114,29 @@ pub async fn run(config: BenchHttpConfig) -> anyhow::Result<HttpBenchReport> {
     anyhow::ensure!(config.connections > 0, "--connections must be at least 1");
     anyhow::ensure!(config.seconds > 0, "--seconds must be at least 1");
     anyhow::ensure!(config.rounds > 0, "--rounds must be at least 1");
+    let (embedded, postgres) = (
+        matches!(config.backends, Backends::Embedded | Backends::Both),
+        matches!(config.backends, Backends::Postgres | Backends::Both),
+    );
+    let runs = config.rounds as u64 * 2 * (u64::from(embedded) + u64::from(postgres));
+    let bar = progress::bar(runs, "bench-http runs");
     let mut backends = Vec::new();
-    if matches!(config.backends, Backends::Embedded | Backends::Both) {
-        backends.push(on_embedded(&config).await.context("embedded (SQLite) run failed")?);
+    if embedded {
+        backends.push(
+            on_embedded(&config, bar.as_ref())
+                .await
+                .context("embedded (SQLite) run failed")?,
+        );
     }
-    if matches!(config.backends, Backends::Postgres | Backends::Both) {
-        backends.push(on_postgres(&config).await.context("PostgreSQL run failed")?);
+    if postgres {
+        backends.push(
+            on_postgres(&config, bar.as_ref())
+                .await
+                .context("PostgreSQL run failed")?,
+        );
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     Ok(HttpBenchReport {
         connections: config.connections,
@@ -142,23 +164,23 @@ impl Drop for ScratchDir {
     }
 }
 
-async fn on_embedded(config: &BenchHttpConfig) -> anyhow::Result<BackendReport> {
+async fn on_embedded(config: &BenchHttpConfig, bar: Option<&ProgressBar>) -> anyhow::Result<BackendReport> {
     let dir = ScratchDir(std::env::temp_dir().join(format!("seaport-benchhttp-{}", tag())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("cannot create {}", dir.0.display()))?;
     let store = app::open_store(&Config::embedded(&dir.0)).await?;
-    let result = measure(config, "embedded", &store).await;
+    let result = measure(config, "embedded", &store, bar).await;
     store.close().await;
     result
 }
 
-async fn on_postgres(config: &BenchHttpConfig) -> anyhow::Result<BackendReport> {
+async fn on_postgres(config: &BenchHttpConfig, bar: Option<&ProgressBar>) -> anyhow::Result<BackendReport> {
     let database =
         crate::bench::ScratchDatabase::create(&config.admin_database_url, "seaport_benchhttp", &tag()).await?;
     let result = async {
         let mut service = Config::embedded(std::env::temp_dir());
         service.database_url = Some(database.url.clone());
         let store = app::open_store(&service).await?;
-        let result = measure(config, "postgres", &store).await;
+        let result = measure(config, "postgres", &store, bar).await;
         store.close().await;
         result
     }
@@ -209,8 +231,13 @@ impl Server {
     }
 }
 
-/// Both servers on `store`, the rounds, the medians.
-async fn measure(config: &BenchHttpConfig, backend: &str, store: &Db) -> anyhow::Result<BackendReport> {
+/// Both servers on `store`, the rounds, the medians; `bar` counts the runs (on a terminal).
+async fn measure(
+    config: &BenchHttpConfig,
+    backend: &str,
+    store: &Db,
+    bar: Option<&ProgressBar>,
+) -> anyhow::Result<BackendReport> {
     let state = AppState {
         store: store.clone(),
         outbox: Outbox::new(),
@@ -250,18 +277,23 @@ async fn measure(config: &BenchHttpConfig, backend: &str, store: &Db) -> anyhow:
                     Variant::Bare => (&bare.url, &mut bare_rounds),
                     Variant::Layered => (&layered.url, &mut layered_rounds),
                 };
+                let name = format!("{variant:?}").to_lowercase();
+                if let Some(bar) = bar {
+                    bar.set_message(format!("bench-http: {backend} {name} round {round}/{}", config.rounds));
+                }
                 let stats = drive(config, url)
                     .await
                     .with_context(|| format!("{variant:?} run {round}"))?;
-                eprintln!(
-                    "{backend} {:<7} round {round}/{}: {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-                    format!("{variant:?}").to_lowercase(),
-                    config.rounds,
-                    stats.req_per_sec,
-                    stats.p50_ms,
-                    stats.p99_ms,
-                    stats.max_ms
+                progress::line(
+                    bar,
+                    format!(
+                        "{backend} {name:<7} round {round}/{}: {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                        config.rounds, stats.req_per_sec, stats.p50_ms, stats.p99_ms, stats.max_ms
+                    ),
                 );
+                if let Some(bar) = bar {
+                    bar.inc(1);
+                }
                 rounds.push(stats);
             }
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use seaport_sea::app::{self, Config, Role};
+use seaport_sea::progress;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,10 @@ struct Cli {
     /// PostgreSQL instead of SQLite, e.g. postgres://postgres@127.0.0.1/seaport.
     #[arg(long, global = true, env = "SEAPORT_DATABASE_URL")]
     database_url: Option<String>,
+    /// Export trace spans to this OpenTelemetry collector (OTLP/HTTP, spans to `<url>/v1/traces`),
+    /// e.g. http://127.0.0.1:4318. Off unless given; needs a build with `--features otlp`.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -149,6 +154,11 @@ enum Command {
     Outbox {
         #[command(subcommand)]
         command: OutboxCommand,
+    },
+    /// Retention: delete published outbox rows, old inbox records and expired idempotency keys.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
     },
     /// Measure relay throughput and commit-to-publish latency on PostgreSQL + JetStream, beside
     /// the raw JetStream publish rate of the same run.
@@ -285,31 +295,45 @@ enum OutboxCommand {
     },
 }
 
-/// A progress bar on stderr when it is a terminal and the work is long enough to watch; `None`
-/// otherwise (pipes, CI logs and scripts get plain lines).
-fn progress(total: u64, what: &'static str) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if total < 2 || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what);
-    Some(bar)
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Sweep now, as `seaport serve` does every minute, round after round until a round deletes
+    /// nothing: published outbox rows and inbox records older than their retention, idempotency
+    /// keys past their expiry. Each batch is its own short transaction; safe beside a running
+    /// service (one sweeper at a time on PostgreSQL).
+    Sweep {
+        /// Published outbox rows older than this many hours are deleted (unpublished never).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87600))]
+        outbox_retention_hours: u64,
+        /// Inbox records older than this many hours are deleted. Keep the service's value: it
+        /// must exceed the redelivery horizon, or a late duplicate would run its handler again.
+        #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
+        inbox_retention_hours: u64,
+        /// Rows of each kind deleted per transaction.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        batch: u64,
+        /// Print one JSON object: `{"outbox_rows", "inbox_records", "idempotency_keys",
+        /// "rounds", "skipped"}`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SEAPORT_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    // An endpoint only inherited from the environment does not stop a build without OTLP.
+    let endpoint_from_env = matches.value_source("otlp_endpoint") == Some(clap::parser::ValueSource::EnvVariable);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let telemetry = match seaport_sea::logging::init(cli.otlp_endpoint.as_deref(), endpoint_from_env) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("seaport: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -317,7 +341,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("seaport: error: {e:#}");
@@ -437,6 +464,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 match s.oldest_unpublished_age_ms {
                     Some(ms) => println!("oldest unpublished: {:.3} s ago", ms as f64 / 1000.0),
                     None => println!("oldest unpublished: none (relay is caught up)"),
+                }
+            }
+            Ok(())
+        }
+        Command::Retention {
+            command:
+                RetentionCommand::Sweep {
+                    outbox_retention_hours,
+                    inbox_retention_hours,
+                    batch,
+                    json,
+                },
+        } => {
+            let store = open_existing(&cli.data_dir, cli.database_url).await?;
+            let config = seaport::retention::RetentionConfig {
+                outbox: Duration::from_secs(outbox_retention_hours * 3600),
+                inbox: Duration::from_secs(inbox_retention_hours * 3600),
+                batch: batch as i64,
+                ..Default::default()
+            };
+            let totals = retention_sweep(&store, &config, json).await;
+            store.close().await;
+            let totals = totals?;
+            if json {
+                println!("{}", serde_json::to_string(&totals)?);
+            } else {
+                println!(
+                    "deleted {} published outbox rows, {} inbox records and {} expired idempotency keys in {} round{}",
+                    totals.outbox,
+                    totals.inbox,
+                    totals.idempotency_keys,
+                    totals.rounds,
+                    if totals.rounds == 1 { "" } else { "s" }
+                );
+                if totals.skipped {
+                    println!(
+                        "skipped: another instance is sweeping (it holds the sweeper lock); the rest is left to it"
+                    );
                 }
             }
             Ok(())
@@ -585,7 +650,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => anyhow::bail!("give a dead letter id or --all"),
                     };
                     // A bar on a terminal for long replays; plain lines (or JSON) otherwise.
-                    let bar = progress(ids.len() as u64, "replaying dead letters");
+                    let bar = progress::bar(ids.len() as u64, "replaying dead letters");
                     let mut replayed = Vec::with_capacity(ids.len());
                     for id in &ids {
                         seaport::dead_letters::replay(&store, broker.as_ref(), *id)
@@ -653,6 +718,83 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `seaport retention sweep` deleted over all its rounds (its `--json` output).
+#[derive(Debug, Default, serde::Serialize)]
+struct SweepTotals {
+    #[serde(rename = "outbox_rows")]
+    outbox: u64,
+    #[serde(rename = "inbox_records")]
+    inbox: u64,
+    idempotency_keys: u64,
+    /// `sweep_once` calls, the last one included (it found nothing, or was skipped).
+    rounds: u64,
+    /// A round found another instance sweeping (PostgreSQL): stopped there, not an error.
+    skipped: bool,
+}
+
+/// `sweep_once` until a round deletes nothing (or another instance holds the sweeper lock).
+/// A bar sized by what is eligible on a terminal; else one stderr line per round that deleted
+/// something (none with `--json`).
+async fn retention_sweep(
+    store: &seaport::store::Db,
+    config: &seaport::retention::RetentionConfig,
+    json: bool,
+) -> anyhow::Result<SweepTotals> {
+    let bar = if progress::on_terminal() {
+        // Counting a large table takes a moment too.
+        let counting = progress::spinner("counting the rows to delete");
+        let eligible = seaport::retention::eligible(store, config).await;
+        if let Some(spinner) = counting {
+            spinner.finish_and_clear();
+        }
+        let eligible = eligible.context("cannot count the rows to delete")?;
+        progress::bar(eligible.total(), "sweeping")
+    } else {
+        None
+    };
+    let mut totals = SweepTotals::default();
+    loop {
+        let swept = seaport::retention::sweep_once(store, config)
+            .await
+            .with_context(|| format!("retention sweep round {} failed", totals.rounds + 1))?;
+        totals.rounds += 1;
+        totals.outbox += swept.outbox;
+        totals.inbox += swept.inbox;
+        totals.idempotency_keys += swept.idempotency_keys;
+        let deleted = swept.outbox + swept.inbox + swept.idempotency_keys;
+        match &bar {
+            Some(bar) => {
+                // Rows may become eligible while the sweep runs: grow the bar rather than overflow.
+                let done = totals.outbox + totals.inbox + totals.idempotency_keys;
+                if done > bar.length().unwrap_or(0) {
+                    bar.set_length(done);
+                }
+                bar.set_message(format!(
+                    "sweeping (outbox {}, inbox {}, keys {})",
+                    totals.outbox, totals.inbox, totals.idempotency_keys
+                ));
+                bar.set_position(done);
+            }
+            None if !json && deleted > 0 => eprintln!(
+                "round {}: deleted {} outbox rows, {} inbox records, {} idempotency keys",
+                totals.rounds, swept.outbox, swept.inbox, swept.idempotency_keys
+            ),
+            None => {}
+        }
+        if swept.skipped {
+            totals.skipped = true;
+            break;
+        }
+        if deleted == 0 {
+            break;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(totals)
 }
 
 /// Operator commands read an existing database; they never create an empty one by mistake.

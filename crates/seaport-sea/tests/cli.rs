@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{TestService, wait_for};
+use common::{FAN_OUT, TestService, wait_for};
 use seaport::testing::Kind;
 
 /// The flags that point an operator command at the service's database.
@@ -254,9 +254,231 @@ async fn serve_refuses_inbox_retention_shorter_than_the_redelivery_horizon() {
     );
 }
 
+/// Post a case and wait until it and the events it led to are relayed and processed by every
+/// fan-out consumer: each outbox event has one inbox record per fan-out consumer (a message
+/// waiting for a retry may not show in the broker's counts, the inbox does not lie).
+async fn post_case_and_settle(s: &TestService, key: &str) {
+    let res = s
+        .http
+        .post(s.url("/cases"))
+        .header("X-Idempotency-Key", key)
+        .header("X-Correlation-Id", key)
+        .json(&serde_json::json!({"title": "t", "customer_id": "c"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    wait_for("the case to be published and processed", async || {
+        let outbox = s.count("SELECT COUNT(*) FROM seaport_outbox").await;
+        s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+            .await
+            == 0
+            && s.count("SELECT COUNT(*) FROM seaport_inbox").await == outbox * FAN_OUT.len() as i64
+            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE correlation_id = $1", key)
+                .await
+                > 0
+    })
+    .await;
+    for consumer in FAN_OUT {
+        wait_for("the consumers to have acknowledged everything", async || {
+            settled(s, consumer).await
+        })
+        .await;
+    }
+}
+
+/// Run `sql` with one bound integer; the rows it changed.
+async fn execute(s: &TestService, sql: &'static str, arg: i64) -> u64 {
+    seaport::on_pool!(&s.db, p => sqlx::query(sql).bind(arg).execute(p).await.unwrap().rows_affected())
+}
+
+async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
+    const HOUR_MS: i64 = 3_600_000;
+    // The service's own sweeper must not race the command: it runs once at start, then hourly,
+    // and only for rows over ten years old.
+    let mut s = TestService::start_with(kind, |c| {
+        c.retention.interval = std::time::Duration::from_secs(3600);
+        c.retention.outbox = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+        c.retention.inbox = c.retention.outbox;
+    })
+    .await;
+
+    // Old: everything the first case made, aged by two hours (timestamps are ms since epoch).
+    post_case_and_settle(&s, "ret-old").await;
+    let old_outbox = execute(
+        &s,
+        "UPDATE seaport_outbox SET created_at = created_at - $1, published_at = published_at - $1
+          WHERE published_at IS NOT NULL",
+        2 * HOUR_MS,
+    )
+    .await;
+    let old_inbox = execute(
+        &s,
+        "UPDATE seaport_inbox SET processed_at = processed_at - $1",
+        2 * HOUR_MS,
+    )
+    .await;
+    let expired_keys = execute(
+        &s,
+        "UPDATE seaport_idempotency_keys SET expires_at = $1",
+        seaport::store::now_ms() - 1000,
+    )
+    .await;
+    assert!(
+        old_outbox > 0 && old_inbox > 0 && expired_keys == 1,
+        "{old_outbox} {old_inbox} {expired_keys}"
+    );
+
+    // Recent: a second case, untouched.
+    post_case_and_settle(&s, "ret-new").await;
+    let (outbox_before, inbox_before, keys_before) = (
+        s.count("SELECT COUNT(*) FROM seaport_outbox").await as u64,
+        s.count("SELECT COUNT(*) FROM seaport_inbox").await as u64,
+        s.count("SELECT COUNT(*) FROM seaport_idempotency_keys").await as u64,
+    );
+
+    // Stop the service, then an old outbox row that was never published: never deleted.
+    s.running.take().unwrap().shutdown().await.unwrap();
+    let unpublished = seaport::Event::new("sea.cases.created", "/test", serde_json::json!({"id": "x"}));
+    let mut tx = s.db.begin_write().await.unwrap();
+    seaport::outbox::Outbox::new()
+        .insert_to(&mut tx, &s.topic("sea.cases.created"), &unpublished)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let aged = execute(
+        &s,
+        "UPDATE seaport_outbox SET created_at = created_at - $1 WHERE published_at IS NULL",
+        2 * HOUR_MS,
+    )
+    .await;
+    assert_eq!(aged, 1);
+
+    // What the progress bar is sized by: exactly the rows made old.
+    let config = seaport::retention::RetentionConfig {
+        outbox: std::time::Duration::from_secs(3600),
+        inbox: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let eligible = seaport::retention::eligible(&s.db, &config).await.unwrap();
+    assert_eq!(
+        (eligible.outbox, eligible.inbox, eligible.idempotency_keys),
+        (old_outbox, old_inbox, expired_keys)
+    );
+
+    let t = target(&s);
+    let sweep = [
+        "retention",
+        "sweep",
+        "--outbox-retention-hours",
+        "1",
+        "--inbox-retention-hours",
+        "1",
+        "--batch",
+        "2",
+    ];
+    let mut json_sweep = sweep.to_vec();
+    json_sweep.push("--json");
+    let (code, out, err) = run_on(&json_sweep, &t);
+    assert_eq!(code, 0, "{err}");
+    let totals: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(totals["outbox_rows"], old_outbox, "{totals}");
+    assert_eq!(totals["inbox_records"], old_inbox, "{totals}");
+    assert_eq!(totals["idempotency_keys"], expired_keys, "{totals}");
+    assert_eq!(totals["skipped"], false, "{totals}");
+    // Batches of 2: enough rounds for the largest kind, plus the round that found nothing.
+    let most = old_outbox.max(old_inbox).max(expired_keys);
+    assert_eq!(totals["rounds"], most.div_ceil(2) + 1, "{totals}");
+    assert!(err.trim().is_empty(), "--json prints no round lines: {err}");
+
+    // Recent rows and the unpublished one are still there.
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM seaport_outbox").await as u64,
+        outbox_before - old_outbox + 1
+    );
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+            .await,
+        1
+    );
+    assert!(
+        s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL")
+            .await
+            > 0
+    );
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM seaport_inbox").await as u64,
+        inbox_before - old_inbox
+    );
+    assert_eq!(
+        s.count_for(
+            "SELECT COUNT(*) FROM seaport_inbox WHERE correlation_id = $1",
+            "ret-old"
+        )
+        .await,
+        0
+    );
+    assert!(
+        s.count_for(
+            "SELECT COUNT(*) FROM seaport_inbox WHERE correlation_id = $1",
+            "ret-new"
+        )
+        .await
+            > 0
+    );
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM seaport_idempotency_keys").await as u64,
+        keys_before - expired_keys
+    );
+
+    // Nothing left to do: a second sweep deletes nothing, in one round.
+    let (code, out, _) = run_on(&json_sweep, &t);
+    assert_eq!(code, 0);
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        again,
+        serde_json::json!({"outbox_rows": 0, "inbox_records": 0, "idempotency_keys": 0, "rounds": 1, "skipped": false})
+    );
+    let (code, out, err) = run_on(&sweep, &t);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "deleted 0 published outbox rows, 0 inbox records and 0 expired idempotency keys in 1 round"
+    );
+    assert!(err.trim().is_empty(), "no round lines when nothing was deleted: {err}");
+    s.stop().await;
+}
+
+#[test]
+fn retention_sweep_checks_its_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for (flag, value) in [
+        ("--batch", "0"),
+        ("--batch", "many"),
+        ("--outbox-retention-hours", "0"),
+        ("--inbox-retention-hours", "1.5"),
+        ("--inbox-retention-hours", "100000"),
+    ] {
+        let (code, out, err) = seaport(&["retention", "sweep", flag, value, "--data-dir", d]);
+        assert_eq!(code, 2, "{flag} {value}: {out}{err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{flag} {value}: {err}"
+        );
+        assert!(out.is_empty(), "{out}");
+    }
+    let (code, out, err) = seaport(&["retention", "sweep", "--json", "--data-dir", d]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("no database at"), "{err}");
+    assert!(!dir.path().join("seaport.db").exists());
+}
+
 on_both_backends!(
     outbox_status_and_trace_read_the_live_database,
-    dead_letters_are_listed_shown_and_replayed
+    dead_letters_are_listed_shown_and_replayed,
+    retention_sweep_deletes_only_what_is_old
 );
 
 #[tokio::test]
@@ -327,5 +549,29 @@ fn webhook_secrets_never_show_in_help_or_errors() {
         assert_eq!(code, 1, "{entry}: {err}");
         assert!(err.contains(want), "{entry}: {err}");
         assert!(!err.contains("topsecret"), "{entry}: the secret leaked: {err}");
+    }
+}
+
+/// OTLP export is off by default and asked for with `--otlp-endpoint`: a build without the
+/// `otlp` feature refuses the flag clearly (and only warns about the environment variable, which
+/// may be meant for another program); a build with it refuses what is not an http(s) URL.
+#[test]
+fn otlp_endpoint_is_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, _, err) = seaport(&["--otlp-endpoint", "collector:4318", "--data-dir", d, "outbox", "status"]);
+    assert_eq!(code, 1, "{err}");
+    if seaport_sea::logging::OTLP_BUILT_IN {
+        assert!(err.contains("must be an http:// or https:// URL"), "{err}");
+    } else {
+        assert!(err.contains("built without it") && err.contains("--features otlp"), "{err}");
+        let out = Command::new(env!("CARGO_BIN_EXE_seaport"))
+            .args(["--data-dir", d, "outbox", "status"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("warning: OTEL_EXPORTER_OTLP_ENDPOINT is set"), "{err}");
+        assert!(!err.contains("built without it\n"), "{err}");
     }
 }

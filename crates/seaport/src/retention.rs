@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::on_conn;
 use crate::store::{Db, Tx, now_ms};
+use crate::{on_conn, on_pool};
 
 #[derive(Clone, Debug)]
 pub struct RetentionConfig {
@@ -67,28 +67,52 @@ pub struct Swept {
     pub skipped: bool,
 }
 
+/// What a sweep would delete now: the rows [`sweep_once`] selects, counted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Eligible {
+    pub outbox: u64,
+    pub inbox: u64,
+    pub idempotency_keys: u64,
+}
+
+impl Eligible {
+    pub fn total(&self) -> u64 {
+        self.outbox + self.inbox + self.idempotency_keys
+    }
+}
+
+/// The cutoffs of the three kinds at `now` (ms): published outbox rows published before the
+/// first, inbox records processed before the second, idempotency keys expired at the third.
+fn cutoffs(config: &RetentionConfig, now: i64) -> [i64; 3] {
+    [
+        now - config.outbox.as_millis() as i64,
+        now - config.inbox.as_millis() as i64,
+        now,
+    ]
+}
+
 /// Second key of the sweeper's advisory lock (first: the relay's namespace).
 const SWEEPER_LOCK: i32 = 1_000;
 
 /// Delete one batch of each kind. Returns `skipped` if another instance is sweeping.
 pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx::Error> {
     let mut swept = Swept::default();
-    let now = now_ms();
+    let [outbox_cutoff, inbox_cutoff, keys_cutoff] = cutoffs(config, now_ms());
     let statements: [(&str, i64); 3] = [
         (
             "DELETE FROM seaport_outbox WHERE seq IN
                 (SELECT seq FROM seaport_outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
-            now - config.outbox.as_millis() as i64,
+            outbox_cutoff,
         ),
         (
             "DELETE FROM seaport_inbox WHERE (consumer, message_id) IN
                 (SELECT consumer, message_id FROM seaport_inbox WHERE processed_at < $1 LIMIT $2)",
-            now - config.inbox.as_millis() as i64,
+            inbox_cutoff,
         ),
         (
             "DELETE FROM seaport_idempotency_keys WHERE (scope, key) IN
                 (SELECT scope, key FROM seaport_idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
-            now,
+            keys_cutoff,
         ),
     ];
     for (i, (sql, cutoff)) in statements.into_iter().enumerate() {
@@ -114,6 +138,37 @@ pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx
         }
     }
     Ok(swept)
+}
+
+/// Count what [`sweep_once`] would delete now (same conditions), e.g. to size a progress bar.
+/// Reads only; the counts use the same indexes as the deletes.
+pub async fn eligible(db: &Db, config: &RetentionConfig) -> Result<Eligible, sqlx::Error> {
+    let [outbox_cutoff, inbox_cutoff, keys_cutoff] = cutoffs(config, now_ms());
+    let queries: [(&str, i64); 3] = [
+        (
+            "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL AND published_at < $1",
+            outbox_cutoff,
+        ),
+        (
+            "SELECT COUNT(*) FROM seaport_inbox WHERE processed_at < $1",
+            inbox_cutoff,
+        ),
+        (
+            "SELECT COUNT(*) FROM seaport_idempotency_keys WHERE expires_at <= $1",
+            keys_cutoff,
+        ),
+    ];
+    let mut counts = [0u64; 3];
+    for (count, (sql, cutoff)) in counts.iter_mut().zip(queries) {
+        let n: i64 = on_pool!(db, p => sqlx::query_scalar(sql).bind(cutoff).fetch_one(p).await?);
+        *count = n.max(0) as u64;
+    }
+    let [outbox, inbox, idempotency_keys] = counts;
+    Ok(Eligible {
+        outbox,
+        inbox,
+        idempotency_keys,
+    })
 }
 
 /// Sweep every `interval` until `shutdown`; a round that hit the batch size continues at once.

@@ -42,6 +42,41 @@ pub async fn record_effect(tx: &mut Tx, consumer: &str, event: &Event, effect: &
     .map(|_| ()))
 }
 
+/// [`record_effect`] for a batch of events (`Handler::handle_batch`): one statement.
+pub async fn record_effects(tx: &mut Tx, consumer: &str, effects: &[(&Event, String)]) -> Result<(), sqlx::Error> {
+    let at = now();
+    let rows = serde_json::to_string(
+        &effects
+            .iter()
+            .map(|(e, effect)| (&e.id, &e.correlationid, effect))
+            .collect::<Vec<_>>(),
+    )
+    .expect("strings serialise");
+    match tx {
+        Tx::Postgres(tx) => sqlx::query(
+            "INSERT INTO consumer_effects (consumer, event_id, correlation_id, effect, recorded_at)
+             SELECT $1, r->>0, r->>1, r->>2, $3 FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n",
+        )
+        .bind(consumer)
+        .bind(rows)
+        .bind(&at)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ()),
+        Tx::Sqlite(_) => on_conn!(tx, c => sqlx::query(
+            "INSERT INTO consumer_effects (consumer, event_id, correlation_id, effect, recorded_at)
+             SELECT $1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), $3
+             FROM json_each($2) ORDER BY key",
+        )
+        .bind(consumer)
+        .bind(rows)
+        .bind(&at)
+        .execute(c)
+        .await
+        .map(|_| ())),
+    }
+}
+
 pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }

@@ -59,30 +59,43 @@ pub struct Correlation;
 impl Middleware for Correlation {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event, next: Next<'_>) -> Result<(), HandlerError> {
         ctx.propagate_correlation = true;
-        // The trace continues here: the event's `traceparent` (set from the HTTP request, or
-        // from the event that caused it) names the trace and the span this one descends from.
-        let trace = event
-            .extensions
-            .get("traceparent")
-            .and_then(|v| v.as_str())
-            .and_then(crate::http::correlation::TraceParent::parse);
-        let span = tracing::info_span!("consume",
-            consumer = %ctx.consumer,
-            event_id = %event.id,
-            event_type = %event.ty,
-            correlation_id = event.correlationid.as_deref().unwrap_or(&event.id),
-            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
-            parent_span_id = trace.as_ref().map(|t| t.span_id.as_str()),
-            delivery = ctx.delivery_count);
-        // Exporting to OpenTelemetry: events emitted here name this span as their parent.
-        if let Some(own) = crate::http::correlation::adopt_span(&span, trace.as_ref()) {
-            if trace.as_ref().map(|t| &t.trace_id) != Some(&own.trace_id) {
-                span.record("trace_id", own.trace_id.as_str());
-            }
-            ctx.trace = Some(own);
-        }
+        let (span, own) = consume_span(ctx.consumer, event, ctx.delivery_count, None);
+        ctx.trace = own;
         next.run(ctx, event).instrument(span).await
     }
+}
+
+/// The `consume` span of one delivery. The trace continues here: the event's `traceparent` (set
+/// from the HTTP request, or from the event that caused it) names the trace and the span this
+/// one descends from. When spans are exported to OpenTelemetry, also returns this span's own
+/// context: the parent the events emitted while handling it must name.
+pub(crate) fn consume_span(
+    consumer: &str,
+    event: &Event,
+    delivery: u32,
+    batch: Option<usize>,
+) -> (tracing::Span, Option<crate::http::correlation::TraceParent>) {
+    let trace = event
+        .extensions
+        .get("traceparent")
+        .and_then(|v| v.as_str())
+        .and_then(crate::http::correlation::TraceParent::parse);
+    let span = tracing::info_span!("consume",
+        consumer = %consumer,
+        event_id = %event.id,
+        event_type = %event.ty,
+        correlation_id = event.correlationid.as_deref().unwrap_or(&event.id),
+        trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+        parent_span_id = trace.as_ref().map(|t| t.span_id.as_str()),
+        delivery,
+        batch);
+    let own = crate::http::correlation::adopt_span(&span, trace.as_ref());
+    if let Some(own) = &own
+        && trace.as_ref().map(|t| &t.trace_id) != Some(&own.trace_id)
+    {
+        span.record("trace_id", own.trace_id.as_str());
+    }
+    (span, own)
 }
 
 /// Inbox + Idempotency: skip what this consumer already processed; otherwise record it in the

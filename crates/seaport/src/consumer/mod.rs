@@ -92,6 +92,8 @@ pub struct BatchContext<'a> {
     store: &'a Db,
     outbox: &'a Outbox,
     tx: &'a mut Option<Tx>,
+    /// Each event's exported `consume` span, when tracing goes to OpenTelemetry.
+    traces: HashMap<String, crate::http::correlation::TraceParent>,
 }
 
 impl BatchContext<'_> {
@@ -111,7 +113,12 @@ impl BatchContext<'_> {
     /// Write a follow-up event of `parent` (one of the batch's events) to the outbox in the
     /// batch's transaction: its correlation id, `parent` as causation, its trace continued.
     pub async fn emit(&mut self, parent: &Event, event: Event) -> Result<i64, OutboxError> {
-        let event = event.caused_by(parent);
+        let mut event = event.caused_by(parent);
+        if let Some(own) = self.traces.get(&parent.id) {
+            event
+                .extensions
+                .insert("traceparent".to_owned(), serde_json::Value::String(own.to_string()));
+        }
         let outbox = self.outbox;
         outbox.insert(self.tx().await?, &event).await
     }
@@ -823,6 +830,19 @@ impl Inner {
             verdicts.push(if new { Verdict::Processed } else { Verdict::Duplicate });
         }
         let started = std::time::Instant::now();
+        // Each event keeps its own `consume` span (its trace goes on), open for the whole batch.
+        let mut traces = HashMap::new();
+        let _spans: Vec<tracing::Span> = batch
+            .iter()
+            .filter_map(|(_, e, _)| e.as_ref().ok())
+            .map(|e| {
+                let (span, own) = middleware::consume_span(consumer, e, 1, Some(batch.len()));
+                if let Some(own) = own {
+                    traces.insert(e.id.clone(), own);
+                }
+                span
+            })
+            .collect();
         let mut shared: Option<Tx> = None;
         if !fresh.is_empty() {
             let span = tracing::info_span!("consume_batch", consumer, events = fresh.len(),
@@ -832,6 +852,7 @@ impl Inner {
                 store: &self.store,
                 outbox: &self.outbox,
                 tx: &mut shared,
+                traces,
             };
             let run = tokio::time::timeout(
                 self.config.handler_timeout,

@@ -90,6 +90,42 @@ impl TraceParent {
     }
 }
 
+/// With the `otel` feature and a `tracing-opentelemetry` layer installed, make `span` the
+/// OpenTelemetry span of `parent`'s trace (a child of `parent`'s span) and return the span's own
+/// context: that is what must be handed on (response header, event extension) so downstream
+/// spans hang under an exported span. `None` without the feature or the layer: the caller keeps
+/// its own ids.
+pub fn adopt_span(span: &tracing::Span, parent: Option<&TraceParent>) -> Option<TraceParent> {
+    #[cfg(feature = "otel")]
+    {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if let Some(p) = parent {
+            let remote = SpanContext::new(
+                TraceId::from_hex(&p.trace_id).ok()?,
+                SpanId::from_hex(&p.span_id).ok()?,
+                TraceFlags::new(p.flags),
+                true,
+                TraceState::default(),
+            );
+            span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+                .ok()?;
+        }
+        let cx = span.context();
+        let own = cx.span().span_context().clone();
+        own.is_valid().then(|| TraceParent {
+            trace_id: own.trace_id().to_string(),
+            span_id: own.span_id().to_string(),
+            flags: own.trace_flags().to_u8(),
+        })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = (span, parent);
+        None
+    }
+}
+
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "00-{}-{}-{:02x}", self.trace_id, self.span_id, self.flags)
@@ -229,9 +265,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let corr = Correlation::from_headers(req.headers());
+        let mut corr = Correlation::from_headers(req.headers());
         let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(),
             correlation_id = %corr.correlation_id, request_id = %corr.request_id, trace_id = %corr.trace.trace_id);
+        // Exporting to OpenTelemetry: the request's span id is the exported span's id.
+        let caller = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        if let Some(own) = adopt_span(&span, caller.as_ref()) {
+            if own.trace_id != corr.trace.trace_id {
+                span.record("trace_id", own.trace_id.as_str());
+            }
+            corr.trace = own;
+        }
         req.extensions_mut().insert(corr.clone());
         let fut = {
             let _g = span.enter();
