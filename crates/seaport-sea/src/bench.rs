@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use seaport::Event;
 use seaport::broker::jetstream::JetStreamBroker;
 use seaport::broker::{Broker, ConsumerConfig, MSG_ID_HEADER};
-use seaport::consumer::{ConsumerRunner, Handler, HandlerContext, HandlerError, RunnerConfig};
+use seaport::consumer::{BatchContext, ConsumerRunner, Handler, HandlerContext, HandlerError, RunnerConfig};
 use seaport::outbox::Outbox;
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::store::{Db, PgStore};
@@ -57,6 +57,9 @@ pub struct BenchReport {
     pub raw_consume_per_sec: f64,
     pub consumer_per_sec: f64,
     pub consumer_vs_raw: f64,
+    /// The same with a handler that writes a batch's effects in one statement.
+    pub consumer_batch_per_sec: f64,
+    pub consumer_batch_vs_raw: f64,
     pub latency_rate_per_sec: u64,
     pub latency_samples: usize,
     pub latency_p50_ms: f64,
@@ -275,19 +278,121 @@ async fn embedded_latency(config: &BenchConfig) -> anyhow::Result<Percentiles> {
     outcome
 }
 
-/// The trivial transactional effect of the consumer benchmark.
-struct Effect;
+/// The trivial transactional effect of the consumer benchmark: a row per event in `table`.
+struct Effect {
+    table: &'static str,
+    /// Whether it writes a batch's rows in one statement (`handle_batch`).
+    batch_handler: bool,
+}
 
 #[async_trait::async_trait]
 impl Handler for Effect {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
-        seaport::on_conn!(ctx.tx().await?, c => sqlx::query("INSERT INTO bench_effects (event_id) VALUES ($1)")
+        let sql = match self.table {
+            "bench_effects_batch" => "INSERT INTO bench_effects_batch (event_id) VALUES ($1)",
+            _ => "INSERT INTO bench_effects (event_id) VALUES ($1)",
+        };
+        seaport::on_conn!(ctx.tx().await?, c => sqlx::query(sql)
             .bind(&event.id)
             .execute(c)
             .await
             .map(|_| ()))?;
         Ok(())
     }
+
+    fn handles_batches(&self) -> bool {
+        self.batch_handler
+    }
+
+    async fn handle_batch(&self, ctx: &mut BatchContext<'_>, events: &[&Event]) -> Result<(), HandlerError> {
+        let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        let sql = match self.table {
+            "bench_effects_batch" => "INSERT INTO bench_effects_batch (event_id) SELECT * FROM UNNEST($1::text[])",
+            _ => "INSERT INTO bench_effects (event_id) SELECT * FROM UNNEST($1::text[])",
+        };
+        match ctx.tx().await? {
+            seaport::store::Tx::Postgres(tx) => {
+                sqlx::query(sql).bind(ids).execute(&mut **tx).await?;
+            }
+            seaport::store::Tx::Sqlite(_) => return Err("the benchmark's batch effect is PostgreSQL SQL".into()),
+        }
+        Ok(())
+    }
+}
+
+/// One consumer-runner phase: a fresh durable consumer drains the relay's stream (`total`
+/// messages) into an effects table; returns messages per second.
+#[allow(clippy::too_many_arguments)]
+async fn consumer_phase(
+    db: &Db,
+    store: &PgStore,
+    broker: &Arc<JetStreamBroker>,
+    relay_stream: &str,
+    relay_root: &str,
+    total: usize,
+    batch_handler: bool,
+    cpu: &mut Vec<CpuPhase>,
+) -> anyhow::Result<f64> {
+    let (durable, table, phase) = if batch_handler {
+        ("bench_consumer_batch", "bench_effects_batch", "consumer (batch)")
+    } else {
+        ("bench_consumer", "bench_effects", "consumer runner")
+    };
+    let (create, count): (&'static str, &'static str) = if batch_handler {
+        (
+            "CREATE TABLE bench_effects_batch (event_id TEXT PRIMARY KEY)",
+            "SELECT COUNT(*) FROM bench_effects_batch",
+        )
+    } else {
+        (
+            "CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)",
+            "SELECT COUNT(*) FROM bench_effects",
+        )
+    };
+    sqlx::query(create)
+        .execute(store.pool())
+        .await?;
+    let mut runner_config = RunnerConfig::new(ConsumerConfig::new(durable, format!("{relay_root}.>")));
+    runner_config.batch_size = WINDOW;
+    runner_config.concurrency = 8;
+    runner_config.transaction_batch = 128;
+    let runner = ConsumerRunner::new(
+        db.clone(),
+        broker.clone(),
+        relay_stream,
+        runner_config,
+        Arc::new(Effect { table, batch_handler }),
+    );
+    let (stop_consumer, consumer_stopped) = watch::channel(false);
+    let bar = progress::bar(total as u64, "consumer runner draining the stream");
+    let started = Instant::now();
+    let cpu_before = cpu_by_process();
+    let consumer_task = tokio::spawn(runner.run(consumer_stopped));
+    // Done when JetStream has every message acked (a cheap server call; counting the effects
+    // table every few ms would cost the database more than the consumer does).
+    loop {
+        let state = broker.consumer_state(relay_stream, durable).await?;
+        if state.as_ref().is_some_and(|s| s.pending == 0 && s.ack_pending == 0) {
+            break;
+        }
+        if let (Some(bar), Some(s)) = (&bar, &state) {
+            bar.set_position((total as u64).saturating_sub(s.pending + s.ack_pending));
+        }
+        anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    cpu.push(cpu_phase(phase, &cpu_before, started.elapsed()));
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let _ = stop_consumer.send(true);
+    let _ = consumer_task.await;
+    let done: i64 = sqlx::query_scalar(count)
+        .fetch_one(store.pool())
+        .await?;
+    anyhow::ensure!(done as usize == total, "{done} effects for {total} events");
+    Ok(rate)
 }
 
 /// A scratch PostgreSQL database for one benchmark run, on the server of `admin_url`; `drop` it
@@ -498,57 +603,38 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         eprintln!("raw JetStream consume+ack: {raw_consume_rate:.0}/s");
         cpu.push(cpu_phase("raw consume+ack", &cpu_before, started.elapsed()));
 
-        // 3b. The consumer runner: inbox dedupe + one effect row per message, in one transaction.
-        sqlx::query("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)")
-            .execute(store.pool())
-            .await?;
-        let mut runner_config = RunnerConfig::new(ConsumerConfig::new("bench_consumer", format!("{relay_root}.>")));
-        runner_config.batch_size = WINDOW;
-        runner_config.concurrency = 8;
-        runner_config.transaction_batch = 128;
-        let runner = ConsumerRunner::new(
-            db.clone(),
-            broker.clone(),
+        // 3b. The consumer runner: inbox dedupe + one effect row per message, batched
+        // transactions; first with a per-event handler, then with one that writes a batch's
+        // effects in one statement (`Handler::handle_batch`). Each drains the whole stream.
+        let consume_rate = consumer_phase(
+            &db,
+            &store,
+            &broker,
             &relay_stream,
-            runner_config,
-            Arc::new(Effect),
-        );
-        let (stop_consumer, consumer_stopped) = watch::channel(false);
-        let bar = progress::bar(total, "consumer runner draining the stream");
-        let started = Instant::now();
-        let cpu_before = cpu_by_process();
-        let consumer_task = tokio::spawn(runner.run(consumer_stopped));
-        // Done when JetStream has every message acked (a cheap server call; counting the
-        // effects table every few ms would cost the database more than the consumer does).
-        loop {
-            let state = broker.consumer_state(&relay_stream, "bench_consumer").await?;
-            if state.as_ref().is_some_and(|s| s.pending == 0 && s.ack_pending == 0) {
-                break;
-            }
-            if let (Some(bar), Some(s)) = (&bar, &state) {
-                bar.set_position(total.saturating_sub(s.pending + s.ack_pending));
-            }
-            anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let consume_rate = events.len() as f64 / started.elapsed().as_secs_f64();
-        cpu.push(cpu_phase("consumer runner", &cpu_before, started.elapsed()));
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-        let _ = stop_consumer.send(true);
-        let _ = consumer_task.await;
-        let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bench_effects")
-            .fetch_one(store.pool())
-            .await?;
-        anyhow::ensure!(
-            done as usize == events.len(),
-            "{done} effects for {} events",
-            events.len()
-        );
+            &relay_root,
+            events.len(),
+            false,
+            &mut cpu,
+        )
+        .await?;
         eprintln!(
-            "consumer runner: {consume_rate:.0}/s ({:.2}x raw)",
+            "consumer runner, per-event handler: {consume_rate:.0}/s ({:.2}x raw)",
             consume_rate / raw_consume_rate
+        );
+        let consume_batch_rate = consumer_phase(
+            &db,
+            &store,
+            &broker,
+            &relay_stream,
+            &relay_root,
+            events.len(),
+            true,
+            &mut cpu,
+        )
+        .await?;
+        eprintln!(
+            "consumer runner, batch handler: {consume_batch_rate:.0}/s ({:.2}x raw)",
+            consume_batch_rate / raw_consume_rate
         );
 
         // 2. Commit-to-publish latency at a steady rate.
@@ -597,6 +683,8 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             raw_consume_per_sec: raw_consume_rate,
             consumer_per_sec: consume_rate,
             consumer_vs_raw: consume_rate / raw_consume_rate,
+            consumer_batch_per_sec: consume_batch_rate,
+            consumer_batch_vs_raw: consume_batch_rate / raw_consume_rate,
             latency_rate_per_sec: config.rate,
             latency_samples: pg.samples,
             latency_p50_ms: pg.p50,
@@ -638,6 +726,10 @@ pub fn print(report: &BenchReport, json: bool) {
     println!(
         "  consumer runner (inbox+effect)  : {:>10.0} msgs/s  ({:.2}x raw)",
         report.consumer_per_sec, report.consumer_vs_raw
+    );
+    println!(
+        "  same, batch handler             : {:>10.0} msgs/s  ({:.2}x raw)",
+        report.consumer_batch_per_sec, report.consumer_batch_vs_raw
     );
     println!(
         "  commit-to-publish at {}/s        : p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
