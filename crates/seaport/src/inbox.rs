@@ -102,7 +102,13 @@ pub async fn processed_among(
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
     let found: Vec<String> = match db {
         Db::Postgres(p) => {
-            sqlx::query_scalar("SELECT message_id FROM seaport_inbox WHERE consumer = $1 AND message_id = ANY($2)")
+            // A join on the ids rather than `message_id = ANY($2)`: a plan cached while the inbox
+            // was small may scan all of a consumer's records and test each against the array;
+            // this shape is one primary-key lookup per id whatever the table has grown to.
+            sqlx::query_scalar(
+                "SELECT i.message_id FROM UNNEST($2::text[]) AS m(id)
+                 JOIN seaport_inbox i ON i.consumer = $1 AND i.message_id = m.id",
+            )
                 .bind(consumer)
                 .bind(message_ids)
                 .fetch_all(p.pool())

@@ -11,7 +11,6 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 
 use super::problem::Problem;
 use crate::on_conn;
@@ -158,11 +157,29 @@ pub enum Claim {
     InFlight,
 }
 
-/// Claim `key` for this request, in its own short transaction, so that a concurrent request
-/// with the same key sees the claim at once (409) instead of waiting or racing.
+/// Claim `key` for this request, committed at once (before the handler runs), so that a
+/// concurrent request with the same key sees the claim (409) instead of waiting or racing.
 ///
 /// A claim not completed within `lease` (the request crashed) may be taken over. Expired keys
-/// (older than their retention) no longer count.
+/// (older than their retention) no longer count: a new request reclaims them. Of several requests
+/// racing for a new, expired or abandoned key exactly one gets [`Claim::Claimed`]: the claim is a
+/// single `INSERT … ON CONFLICT DO UPDATE … WHERE <expired or abandoned>`, which the database
+/// applies to the latest version of the row, under its row (PostgreSQL) or write (SQLite) lock.
+///
+/// The claim's commit is not flushed on its own (PostgreSQL: `synchronous_commit = off` for its
+/// transaction; SQLite: `synchronous = NORMAL` for its statement). The handler's commit, which
+/// makes the outcome durable, comes later in the same write-ahead log and flushes it too; a claim
+/// lost in a crash before that only frees the key of a request that never answered.
+///
+/// - PostgreSQL: one statement, one round trip (on an idle pooled connection, taken without the
+///   pool's liveness ping). It inserts the claim, or takes over an expired or abandoned one, or
+///   else returns the existing row (to replay, refuse or answer 409). It takes
+///   the row's lock even when it changes nothing, so a duplicate that arrives while the first
+///   request is storing its response waits for that commit (one round trip) and replays it.
+/// - SQLite: a read without the write lock first, so that replays, mismatches and in-flight keys
+///   are answered without queueing behind writers (on SQLite, behind the very request that holds
+///   the key); a key that is new, expired or abandoned is then claimed by one autocommit statement
+///   in the process's writer turn.
 pub async fn claim(
     db: &Db,
     scope: &str,
@@ -171,118 +188,317 @@ pub async fn claim(
     retention: Duration,
     lease: Duration,
 ) -> Result<Claim, sqlx::Error> {
-    let now = now_ms();
-    // Read first, without the write lock: replays, mismatches and in-flight keys are answered
-    // without queueing behind writers (on SQLite, behind the very request that holds the key).
-    let existing: Option<(String, i64, String, Vec<u8>, i64, i64)> = crate::on_pool!(db, p => sqlx::query_as(
-        "SELECT fingerprint, status, headers, body, locked_until, expires_at FROM seaport_idempotency_keys
-         WHERE scope = $1 AND key = $2",
-    )
-    .bind(scope)
-    .bind(key.as_str())
-    .fetch_optional(p)
-    .await?);
-    // Only a key seen expired needs clearing (one that appears meanwhile is not expired).
-    let clear_expired = existing.is_some();
-    if let Some((fp, status, headers, body, locked_until, expires_at)) = existing
-        && expires_at > now
-    {
-        if fp != fingerprint {
-            return Ok(Claim::Mismatch);
-        }
-        if status != 0 {
-            return Ok(Claim::Replay(StoredResponse {
-                status: status as u16,
-                headers: serde_json::from_str(&headers).unwrap_or_default(),
-                body,
-            }));
-        }
-        if locked_until > now {
-            return Ok(Claim::InFlight);
-        }
-    }
+    Ok(claim_keeping(db, scope, key, fingerprint, retention, lease).await?.0)
+}
+
+/// A pooled PostgreSQL connection kept from a claim for the handler's transaction.
+pub(crate) type Spare = sqlx::pool::PoolConnection<sqlx::Postgres>;
+
+/// [`claim`], plus (PostgreSQL, key claimed) the pooled connection the claim ran on, so that the
+/// handler's transaction can begin on it instead of checking out another one (the pool pings a
+/// connection when it is checked out and again when it is returned: two round trips).
+pub(crate) async fn claim_keeping(
+    db: &Db,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+    retention: Duration,
+    lease: Duration,
+) -> Result<(Claim, Option<Spare>), sqlx::Error> {
     let token = uuid::Uuid::now_v7().to_string();
-    let mut tx = db.begin_write().await?;
-    if let crate::store::Tx::Postgres(t) = &mut tx {
-        // The claim needs no flush of its own: the handler's commit, which makes the outcome
-        // durable, comes later in the same WAL and flushes it too; a claim lost in a crash
-        // before that only frees the key of a request that never answered.
-        sqlx::query("SET LOCAL synchronous_commit TO off")
-            .execute(&mut **t)
-            .await?;
-    }
-    let outcome = on_conn!(&mut tx, c => {
-        if clear_expired {
-            sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3")
-                .bind(scope)
-                .bind(key.as_str())
-                .bind(now)
-                .execute(&mut *c)
-                .await?;
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO seaport_idempotency_keys
-                (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
-             VALUES ($1, $2, $3, 0, '[]', $4, $5, $6, $7, $8)
-             ON CONFLICT (scope, key) DO NOTHING",
-        )
-        .bind(scope)
-        .bind(key.as_str())
-        .bind(fingerprint)
-        .bind(Vec::<u8>::new())
-        .bind(now)
-        .bind(now + retention.as_millis() as i64)
-        .bind(&token)
-        .bind(now + lease.as_millis() as i64)
-        .execute(&mut *c)
-        .await?
-        .rows_affected();
-        if inserted == 1 {
-            Claim::Claimed(token.clone())
-        } else {
-            let r = sqlx::query(
-                "SELECT fingerprint, status, headers, body, token, locked_until FROM seaport_idempotency_keys
-                 WHERE scope = $1 AND key = $2",
-            )
-            .bind(scope)
-            .bind(key.as_str())
-            .fetch_one(&mut *c)
-            .await?;
-            let (status, old_token, locked_until): (i64, String, i64) = (r.get(1), r.get(4), r.get(5));
-            if r.get::<String, _>(0) != fingerprint {
-                Claim::Mismatch
-            } else if status != 0 {
-                Claim::Replay(StoredResponse {
-                    status: status as u16,
-                    headers: serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default(),
-                    body: r.get(3),
-                })
-            } else if locked_until > now {
-                Claim::InFlight
-            } else {
-                // Abandoned by a request that never finished: take it over.
-                let took = sqlx::query(
-                    "UPDATE seaport_idempotency_keys SET token = $1, locked_until = $2
-                     WHERE scope = $3 AND key = $4 AND token = $5 AND status = 0",
-                )
-                .bind(&token)
-                .bind(now + lease.as_millis() as i64)
-                .bind(scope)
-                .bind(key.as_str())
-                .bind(&old_token)
-                .execute(&mut *c)
-                .await?
-                .rows_affected();
-                if took == 1 { Claim::Claimed(token.clone()) } else { Claim::InFlight }
+    let claim = Claiming {
+        scope,
+        key: key.as_str(),
+        fingerprint,
+        token: &token,
+        retention: retention.as_millis() as i64,
+        lease: lease.as_millis() as i64,
+    };
+    // Another attempt is needed only when the key changed hands between our read and our write
+    // (a racing request claimed it, or its row was deleted meanwhile), or when a pooled
+    // connection taken without a liveness check turned out dead; after a few, the key is
+    // evidently busy.
+    let mut checked = false;
+    for _ in 0..CLAIM_ATTEMPTS {
+        let outcome = match db {
+            Db::Postgres(p) => claim_pg(p.pool(), &claim, checked)
+                .await
+                .map(|(attempt, conn)| (attempt, Some(conn))),
+            Db::Sqlite(s) => claim_sqlite(s, &claim).await.map(|attempt| (attempt, None)),
+        };
+        match outcome {
+            Ok((Attempt::Claimed, conn)) => return Ok((Claim::Claimed(token), conn)),
+            Ok((Attempt::Answer(c), _)) => return Ok((c, None)),
+            Ok((Attempt::Again, _)) => {}
+            Err(sqlx::Error::Io(e)) if !checked => {
+                tracing::debug!(error = %e, "idempotency claim on a dead pooled connection; retrying on a checked one");
+                checked = true;
             }
+            Err(e) => return Err(e),
         }
+    }
+    Ok((Claim::InFlight, None))
+}
+
+const CLAIM_ATTEMPTS: usize = 3;
+
+/// The parameters of one claim.
+struct Claiming<'a> {
+    scope: &'a str,
+    key: &'a str,
+    fingerprint: &'a str,
+    token: &'a str,
+    /// Milliseconds.
+    retention: i64,
+    /// Milliseconds.
+    lease: i64,
+}
+
+/// The row of a key as a claim finds it.
+struct Existing {
+    fingerprint: String,
+    status: i64,
+    headers: String,
+    body: Vec<u8>,
+    token: String,
+    locked_until: i64,
+    expires_at: i64,
+}
+
+enum Attempt {
+    Claimed,
+    Answer(Claim),
+    /// The key changed between reading and writing it: look again.
+    Again,
+}
+
+/// What an existing row means for the claim `c` at `now`: `Some(Claimed)` if it is already ours
+/// (an earlier attempt committed although its answer was lost), an answer for the client, or
+/// `None` if the key may be claimed (absent, expired, or abandoned by a request that never
+/// finished). The claim statements' `WHERE` clauses are the SQL form of the `None` cases.
+fn judge(row: Option<Existing>, c: &Claiming<'_>, now: i64) -> Option<Attempt> {
+    let row = row?;
+    if row.token == c.token && row.status == 0 {
+        return Some(Attempt::Claimed);
+    }
+    if row.expires_at <= now {
+        return None;
+    }
+    if row.fingerprint != c.fingerprint {
+        return Some(Attempt::Answer(Claim::Mismatch));
+    }
+    if row.status != 0 {
+        return Some(Attempt::Answer(Claim::Replay(StoredResponse {
+            status: row.status as u16,
+            headers: serde_json::from_str(&row.headers).unwrap_or_default(),
+            body: row.body,
+        })));
+    }
+    if row.locked_until > now {
+        return Some(Attempt::Answer(Claim::InFlight));
+    }
+    None
+}
+
+/// An idle pooled connection without the pool's liveness round trip (`test_before_acquire`),
+/// else one the ordinary way. A dead one fails the statement with an I/O error, and the claim
+/// then retries on a checked connection (see [`judge`]: a claim that did commit is recognised).
+async fn pooled<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    checked: bool,
+) -> Result<sqlx::pool::PoolConnection<DB>, sqlx::Error> {
+    match (!checked).then(|| pool.try_acquire()).flatten() {
+        Some(conn) => Ok(conn),
+        None => pool.acquire().await,
+    }
+}
+
+/// PostgreSQL: insert the claim or take over an expired or abandoned one (`claimed`), else read
+/// the row. `set_config(…, true)` applies to this statement's own (implicit) transaction, whose
+/// commit then does not wait for a WAL flush. The row read is the one of the statement's
+/// snapshot: if the key was claimed by a transaction that committed after it, the read finds no
+/// row or one that looks claimable (`Again`).
+const PG_CLAIM: &str = "WITH claimed AS (
+    INSERT INTO seaport_idempotency_keys AS k
+        (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
+    SELECT $1, $2, $3, 0, '[]', ''::bytea, $4, $5, $6, $7
+    WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
+    ON CONFLICT (scope, key) DO UPDATE SET
+        fingerprint = excluded.fingerprint, status = 0, headers = '[]', body = excluded.body,
+        created_at = CASE WHEN k.expires_at <= $4 THEN excluded.created_at ELSE k.created_at END,
+        expires_at = CASE WHEN k.expires_at <= $4 THEN excluded.expires_at ELSE k.expires_at END,
+        token = excluded.token, locked_until = excluded.locked_until
+    WHERE k.expires_at <= $4
+       OR (k.status = 0 AND k.locked_until <= $4 AND k.fingerprint = excluded.fingerprint)
+    RETURNING 1
+)
+SELECT true, '', 0::int8, '', ''::bytea, '', 0::int8, 0::int8 FROM claimed
+UNION ALL
+SELECT false, fingerprint, status, headers, body, token, locked_until, expires_at FROM seaport_idempotency_keys
+WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)";
+
+async fn claim_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result<(Attempt, Spare), sqlx::Error> {
+    type Row = (bool, String, i64, String, Vec<u8>, String, i64, i64);
+    let mut conn = pooled(pool, checked).await?;
+    let now = now_ms();
+    let row: Result<Option<Row>, _> = sqlx::query_as(PG_CLAIM)
+        .bind(c.scope)
+        .bind(c.key)
+        .bind(c.fingerprint)
+        .bind(now)
+        .bind(now + c.retention)
+        .bind(c.token)
+        .bind(now + c.lease)
+        .fetch_optional(&mut *conn)
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => {
+            if matches!(e, sqlx::Error::Io(_)) {
+                conn.close_on_drop();
+            }
+            return Err(e);
+        }
+    };
+    let attempt = match row {
+        Some((true, ..)) => Attempt::Claimed,
+        Some((false, fingerprint, status, headers, body, token, locked_until, expires_at)) => {
+            let row = Existing {
+                fingerprint,
+                status,
+                headers,
+                body,
+                token,
+                locked_until,
+                expires_at,
+            };
+            judge(Some(row), c, now).unwrap_or(Attempt::Again)
+        }
+        None => Attempt::Again,
+    };
+    Ok((attempt, conn))
+}
+
+/// SQLite: the key's row, if any, and the connection's `synchronous` level (one row always).
+const SQLITE_READ: &str =
+    "SELECT s.synchronous, k.fingerprint, k.status, k.headers, k.body, k.token, k.locked_until, k.expires_at
+    FROM pragma_synchronous AS s
+    LEFT JOIN seaport_idempotency_keys AS k ON k.scope = $1 AND k.key = $2";
+
+/// SQLite: the claim; a row returned means it is ours (inserted, or an expired or abandoned
+/// claim taken over).
+macro_rules! sqlite_claim {
+    () => {
+        "INSERT INTO seaport_idempotency_keys AS k
+            (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
+        VALUES ($1, $2, $3, 0, '[]', X'', $4, $5, $6, $7)
+        ON CONFLICT (scope, key) DO UPDATE SET
+            fingerprint = excluded.fingerprint, status = 0, headers = '[]', body = excluded.body,
+            created_at = CASE WHEN k.expires_at <= $4 THEN excluded.created_at ELSE k.created_at END,
+            expires_at = CASE WHEN k.expires_at <= $4 THEN excluded.expires_at ELSE k.expires_at END,
+            token = excluded.token, locked_until = excluded.locked_until
+        WHERE k.expires_at <= $4
+           OR (k.status = 0 AND k.locked_until <= $4 AND k.fingerprint = excluded.fingerprint)
+        RETURNING 1"
+    };
+}
+
+/// The claim for each `synchronous` level of the connection (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA):
+/// stricter than NORMAL is relaxed for the claim alone and put back, in the same call to the
+/// connection's worker (one hop inside the writer turn instead of three).
+const SQLITE_CLAIM: [&str; 3] = [
+    sqlite_claim!(),
+    concat!(
+        "PRAGMA synchronous = NORMAL; ",
+        sqlite_claim!(),
+        "; PRAGMA synchronous = FULL"
+    ),
+    concat!(
+        "PRAGMA synchronous = NORMAL; ",
+        sqlite_claim!(),
+        "; PRAGMA synchronous = EXTRA"
+    ),
+];
+
+async fn claim_sqlite(store: &crate::store::SqliteStore, c: &Claiming<'_>) -> Result<Attempt, sqlx::Error> {
+    type Read = (
+        i64,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<Vec<u8>>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let (synchronous, fingerprint, status, headers, body, token, locked_until, expires_at): Read =
+        sqlx::query_as(SQLITE_READ)
+            .bind(c.scope)
+            .bind(c.key)
+            .fetch_one(&mut *pooled(store.pool(), false).await?)
+            .await?;
+    let row = fingerprint.map(|fingerprint| Existing {
+        fingerprint,
+        status: status.unwrap_or_default(),
+        headers: headers.unwrap_or_default(),
+        body: body.unwrap_or_default(),
+        token: token.unwrap_or_default(),
+        locked_until: locked_until.unwrap_or_default(),
+        expires_at: expires_at.unwrap_or_default(),
     });
-    tx.commit().await?;
-    Ok(outcome)
+    if let Some(attempt) = judge(row, c, now_ms()) {
+        return Ok(attempt);
+    }
+    // The writer turn before the connection, as `begin_write` takes them (the other order can
+    // leave every connection of the pool waiting for a turn whose holder waits for a connection).
+    let _turn = store.writer_turn().await;
+    let statement = match synchronous {
+        ..=1 => SQLITE_CLAIM[0],
+        2 => SQLITE_CLAIM[1],
+        _ => SQLITE_CLAIM[2],
+    };
+    let mut conn = RelaxedSync {
+        conn: pooled(store.pool(), false).await?,
+        relaxed: synchronous > 1,
+    };
+    let now = now_ms();
+    let claimed = sqlx::query(statement)
+        .bind(c.scope)
+        .bind(c.key)
+        .bind(c.fingerprint)
+        .bind(now)
+        .bind(now + c.retention)
+        .bind(c.token)
+        .bind(now + c.lease)
+        .fetch_all(&mut *conn.conn)
+        .await?
+        .len();
+    // All statements ran: `synchronous` is back.
+    conn.relaxed = false;
+    Ok(if claimed == 1 { Attempt::Claimed } else { Attempt::Again })
+}
+
+/// A pooled SQLite connection whose `synchronous` level may be relaxed from FULL (or EXTRA) to
+/// NORMAL: in WAL mode the WAL is then not synced at commit, only before checkpoints, and a later
+/// FULL commit syncs it with everything before. Unless the level is known to be put back (an
+/// error, or the future dropped halfway), the connection is closed instead of returned to the
+/// pool, so that no other user ever gets it relaxed.
+struct RelaxedSync {
+    conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    relaxed: bool,
+}
+
+impl Drop for RelaxedSync {
+    fn drop(&mut self) {
+        if self.relaxed {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Store the response of a claimed key, in the handler's transaction. Returns `false` if the
-/// claim was lost meanwhile (taken over after its lease); the caller must then roll back.
+/// claim was lost meanwhile (taken over after its lease, or reclaimed after expiry); the caller
+/// must then roll back.
 pub async fn complete<'c>(
     tx: impl Into<Conn<'c>>,
     scope: &str,
@@ -291,13 +507,29 @@ pub async fn complete<'c>(
     response: &StoredResponse,
 ) -> Result<bool, sqlx::Error> {
     let headers = serde_json::to_string(&response.headers).expect("strings serialise");
+    store_response(tx, scope, key, token, response.status, &headers, &response.body).await
+}
+
+/// [`complete`] with the headers already as their JSON array of `[name, value]` pairs, and the
+/// body borrowed (the layer's path: no copies of either).
+pub(crate) async fn store_response<'c>(
+    tx: impl Into<Conn<'c>>,
+    scope: &str,
+    key: &IdempotencyKey,
+    token: &str,
+    status: u16,
+    headers_json: &str,
+    body: &[u8],
+) -> Result<bool, sqlx::Error> {
+    // The token alone names the claim: tokens are unique, and a takeover or a reclaim replaces
+    // it; `status = 0` keeps a completed response from ever being overwritten.
     let n = on_conn!(tx, c => sqlx::query(
         "UPDATE seaport_idempotency_keys SET status = $1, headers = $2, body = $3, locked_until = 0
          WHERE scope = $4 AND key = $5 AND token = $6 AND status = 0",
     )
-    .bind(response.status as i64)
-    .bind(&headers)
-    .bind(&response.body)
+    .bind(status as i64)
+    .bind(headers_json)
+    .bind(body)
     .bind(scope)
     .bind(key.as_str())
     .bind(token)
@@ -307,17 +539,31 @@ pub async fn complete<'c>(
     Ok(n == 1)
 }
 
-/// Give a claimed key back (the handler failed), so the client can retry with it.
+/// Give a claimed key back (the handler failed), so the client can retry with it. One autocommit
+/// statement (on SQLite, in the process's writer turn).
 pub async fn release(db: &Db, scope: &str, key: &IdempotencyKey, token: &str) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin_write().await?;
-    on_conn!(&mut tx, c => sqlx::query("DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND token = $3 AND status = 0")
-        .bind(scope)
-        .bind(key.as_str())
-        .bind(token)
-        .execute(c)
-        .await
-        .map(|_| ()))?;
-    tx.commit().await
+    const RELEASE: &str =
+        "DELETE FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2 AND token = $3 AND status = 0";
+    match db {
+        Db::Sqlite(s) => {
+            let _turn = s.writer_turn().await;
+            sqlx::query(RELEASE)
+                .bind(scope)
+                .bind(key.as_str())
+                .bind(token)
+                .execute(s.pool())
+                .await?;
+        }
+        Db::Postgres(p) => {
+            sqlx::query(RELEASE)
+                .bind(scope)
+                .bind(key.as_str())
+                .bind(token)
+                .execute(p.pool())
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -361,11 +607,228 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_recognises_its_own_committed_attempt() {
+        let c = Claiming {
+            scope: "s",
+            key: "k",
+            fingerprint: "fp",
+            token: "mine",
+            retention: 1000,
+            lease: 1000,
+        };
+        let row = |token: &str, fingerprint: &str| Existing {
+            fingerprint: fingerprint.into(),
+            status: 0,
+            headers: "[]".into(),
+            body: Vec::new(),
+            token: token.into(),
+            locked_until: 2000,
+            expires_at: 3000,
+        };
+        assert!(matches!(
+            judge(Some(row("mine", "fp")), &c, 1000),
+            Some(Attempt::Claimed)
+        ));
+        assert!(matches!(
+            judge(Some(row("theirs", "fp")), &c, 1000),
+            Some(Attempt::Answer(Claim::InFlight))
+        ));
+        assert!(matches!(
+            judge(Some(row("theirs", "other")), &c, 1000),
+            Some(Attempt::Answer(Claim::Mismatch))
+        ));
+        assert!(
+            judge(Some(row("theirs", "fp")), &c, 2000).is_none(),
+            "abandoned: claimable"
+        );
+        assert!(
+            judge(Some(row("theirs", "other")), &c, 3000).is_none(),
+            "expired: claimable"
+        );
+        assert!(judge(None, &c, 1000).is_none());
+    }
+
+    #[test]
     fn fingerprint_depends_on_every_part() {
         let a = fingerprint("POST", "/cases", b"{}");
         assert_eq!(a, fingerprint("POST", "/cases", b"{}"));
         assert_ne!(a, fingerprint("PUT", "/cases", b"{}"));
         assert_ne!(a, fingerprint("POST", "/other", b"{}"));
         assert_ne!(a, fingerprint("POST", "/cases", b"{ }"));
+    }
+}
+
+/// Claims racing each other on both backends (real PostgreSQL; `seaport::testing` fixtures).
+#[cfg(all(test, feature = "testing"))]
+mod races {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testing::{Fixture, Kind};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const RACERS: usize = 8;
+
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {
+            mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Embedded).await } )* }
+            mod pg { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::PgJetStream).await } )* }
+        };
+    }
+
+    on_both!(
+        racing_claims_of_a_new_key_have_one_winner,
+        racing_claims_of_an_expired_key_have_one_winner,
+        racing_takeovers_of_an_abandoned_claim_have_one_winner,
+        claims_leave_pooled_connections_durable,
+    );
+
+    fn key(k: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(k.as_bytes()).unwrap()
+    }
+
+    /// `RACERS` claims of `k` released at once; their outcomes.
+    async fn race(db: &Db, k: &str, fp: &str) -> Vec<Claim> {
+        let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..RACERS {
+            let (db, k, fp, barrier) = (db.clone(), key(k), fp.to_owned(), barrier.clone());
+            set.spawn(async move {
+                barrier.wait().await;
+                claim(&db, "s", &k, &fp, HOUR, HOUR).await.unwrap()
+            });
+        }
+        set.join_all().await
+    }
+
+    /// The one `Claimed` token of `outcomes`; every other outcome is `InFlight`.
+    fn one_winner(outcomes: Vec<Claim>) -> String {
+        let mut tokens = Vec::new();
+        for c in outcomes {
+            match c {
+                Claim::Claimed(t) => tokens.push(t),
+                Claim::InFlight => {}
+                other => panic!("a loser gets 409, not {other:?}"),
+            }
+        }
+        assert_eq!(tokens.len(), 1, "exactly one racer wins: {tokens:?}");
+        tokens.pop().unwrap()
+    }
+
+    /// Store a response for `token`; whether the claim was still ours.
+    async fn finish(db: &Db, k: &str, token: &str, body: &[u8]) -> bool {
+        let mut tx = db.begin_write().await.unwrap();
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![("location".into(), "/x/1".into())],
+            body: body.to_vec(),
+        };
+        let ours = complete(&mut tx, "s", &key(k), token, &response).await.unwrap();
+        if ours {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        ours
+    }
+
+    async fn racing_claims_of_a_new_key_have_one_winner(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        let token = one_winner(race(&f.db, "new", "fp").await);
+        assert!(finish(&f.db, "new", &token, b"done").await);
+        let again = claim(&f.db, "s", &key("new"), "fp", HOUR, HOUR).await.unwrap();
+        assert!(matches!(again, Claim::Replay(r) if r.body == b"done"));
+        f.cleanup().await;
+    }
+
+    async fn racing_claims_of_an_expired_key_have_one_winner(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        // A completed key with a short retention, then expired.
+        let retention = Duration::from_millis(100);
+        let Claim::Claimed(old) = claim(&f.db, "s", &key("k"), "old", retention, HOUR).await.unwrap() else {
+            panic!("a new key is claimed");
+        };
+        assert!(finish(&f.db, "k", &old, b"old response").await);
+        let replay = claim(&f.db, "s", &key("k"), "old", HOUR, HOUR).await.unwrap();
+        assert!(matches!(replay, Claim::Replay(_)), "within its retention it replays");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Racers with another payload: expired keys are reusable, by exactly one of them.
+        let token = one_winner(race(&f.db, "k", "new").await);
+        assert!(
+            !finish(&f.db, "k", &old, b"stale").await,
+            "the expired claim's old owner no longer owns it"
+        );
+        assert!(finish(&f.db, "k", &token, b"new response").await);
+        let replay = claim(&f.db, "s", &key("k"), "new", HOUR, HOUR).await.unwrap();
+        assert!(
+            matches!(&replay, Claim::Replay(r) if r.body == b"new response"),
+            "{replay:?}"
+        );
+        let reused = claim(&f.db, "s", &key("k"), "old", HOUR, HOUR).await.unwrap();
+        assert_eq!(reused, Claim::Mismatch);
+        f.cleanup().await;
+    }
+
+    async fn racing_takeovers_of_an_abandoned_claim_have_one_winner(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        let lease = Duration::from_millis(100);
+        let Claim::Claimed(crashed) = claim(&f.db, "s", &key("k"), "fp", HOUR, lease).await.unwrap() else {
+            panic!("a new key is claimed");
+        };
+        assert_eq!(
+            claim(&f.db, "s", &key("k"), "fp", HOUR, HOUR).await.unwrap(),
+            Claim::InFlight
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // After the lease: another payload is still refused; the same request is taken over once.
+        assert_eq!(
+            claim(&f.db, "s", &key("k"), "other", HOUR, HOUR).await.unwrap(),
+            Claim::Mismatch
+        );
+        let token = one_winner(race(&f.db, "k", "fp").await);
+        assert!(
+            !finish(&f.db, "k", &crashed, b"late").await,
+            "the crashed request lost its claim"
+        );
+        assert!(finish(&f.db, "k", &token, b"taken over").await);
+        f.cleanup().await;
+    }
+
+    /// The claim's relaxed durability stays with the claim: every pooled connection afterwards
+    /// commits durably (SQLite `synchronous` FULL, PostgreSQL `synchronous_commit` on).
+    async fn claims_leave_pooled_connections_durable(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        for i in 0..4 {
+            let _ = race(&f.db, &format!("k{i}"), "fp").await;
+        }
+        match &f.db {
+            Db::Sqlite(s) => {
+                let mut conns = Vec::new();
+                for _ in 0..s.pool().size() {
+                    conns.push(s.pool().acquire().await.unwrap());
+                }
+                for c in &mut conns {
+                    let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                        .fetch_one(&mut **c)
+                        .await
+                        .unwrap();
+                    assert_eq!(level, 2, "FULL");
+                }
+            }
+            Db::Postgres(p) => {
+                let mut conns = Vec::new();
+                for _ in 0..p.pool().size() {
+                    conns.push(p.pool().acquire().await.unwrap());
+                }
+                for c in &mut conns {
+                    let level: String = sqlx::query_scalar("SHOW synchronous_commit")
+                        .fetch_one(&mut **c)
+                        .await
+                        .unwrap();
+                    assert_eq!(level, "on");
+                }
+            }
+        }
+        f.cleanup().await;
     }
 }

@@ -32,7 +32,7 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tower::{Layer, Service};
 
 use super::idempotency::{
-    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, StoredResponse, claim, complete, fingerprint, release,
+    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Spare, claim_keeping, fingerprint, release, store_response,
 };
 use super::problem::Problem;
 use crate::store::{Db, Tx};
@@ -137,29 +137,60 @@ pub struct IdempotencyService<S> {
 /// the second would wait for the first forever).
 #[derive(Clone)]
 pub struct IdempotentTx {
-    slot: Arc<Mutex<Option<Tx>>>,
+    inner: Arc<TxSlot>,
     db: Db,
 }
 
+struct TxSlot {
+    tx: Mutex<Option<Tx>>,
+    /// PostgreSQL: the connection the claim ran on, which the transaction begins on if the
+    /// handler asks for it soon (see [`SPARE_HOLD`]); otherwise it goes back to the pool.
+    spare: std::sync::Mutex<Option<Spare>>,
+}
+
+/// How long the claim's connection waits for the handler's transaction before it goes back to
+/// the pool. A handler that first calls out (a CRM lookup, say) must not hold a connection it
+/// does not use meanwhile; one that writes at once saves a checkout of the pool.
+const SPARE_HOLD: Duration = Duration::from_millis(10);
+
 impl IdempotentTx {
-    fn new(db: Db) -> Self {
+    fn new(db: Db, spare: Option<Spare>) -> Self {
         IdempotentTx {
-            slot: Arc::new(Mutex::new(None)),
+            inner: Arc::new(TxSlot {
+                tx: Mutex::new(None),
+                spare: std::sync::Mutex::new(spare),
+            }),
             db,
         }
     }
 
     /// The transaction (begun now if it was not yet).
     pub async fn get(&self) -> Result<MappedMutexGuard<'_, Tx>, sqlx::Error> {
-        let mut guard = self.slot.lock().await;
+        let mut guard = self.inner.tx.lock().await;
         if guard.is_none() {
-            *guard = Some(self.db.begin_write().await?);
+            *guard = Some(begin(&self.db, self.take_spare()).await?);
         }
         Ok(MutexGuard::map(guard, |t| t.as_mut().expect("set above")))
     }
 
     async fn take(&self) -> Option<Tx> {
-        self.slot.lock().await.take()
+        self.inner.tx.lock().await.take()
+    }
+
+    fn has_spare(&self) -> bool {
+        self.inner.spare.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn take_spare(&self) -> Option<Spare> {
+        self.inner.spare.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A write transaction: on `spare` if there is one, else the usual way.
+async fn begin(db: &Db, spare: Option<Spare>) -> Result<Tx, sqlx::Error> {
+    match spare {
+        Some(conn) => Ok(Tx::Postgres(sqlx::Transaction::begin(conn, None).await?)),
+        None => db.begin_write().await,
     }
 }
 
@@ -239,19 +270,19 @@ where
     let scope = (config.scope)(&parts);
     let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let fp = fingerprint(parts.method.as_str(), target, &bytes);
-    let token = match claim(&config.db, &scope, &key, &fp, config.retention, config.lease).await {
+    let (token, spare) = match claim_keeping(&config.db, &scope, &key, &fp, config.retention, config.lease).await {
         Err(e) => return Problem::internal(e).into_response(),
-        Ok(Claim::Replay(stored)) => {
+        Ok((Claim::Replay(stored), _)) => {
             crate::telemetry::idempotency_replay();
             return stored.replay();
         }
-        Ok(Claim::Mismatch) => {
+        Ok((Claim::Mismatch, _)) => {
             crate::telemetry::idempotency_conflict("reused");
             return Problem::unprocessable("this idempotency key was already used for a different request")
                 .with_type("/problems/idempotency-key-reused", "Idempotency key reused")
                 .into_response();
         }
-        Ok(Claim::InFlight) => {
+        Ok((Claim::InFlight, _)) => {
             crate::telemetry::idempotency_conflict("in_flight");
             let mut res = Problem::new(
                 StatusCode::CONFLICT,
@@ -263,17 +294,33 @@ where
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return res;
         }
-        Ok(Claim::Claimed(token)) => token,
+        Ok((Claim::Claimed(token), spare)) => (token, spare),
     };
 
-    let tx = IdempotentTx::new(config.db.clone());
+    let tx = IdempotentTx::new(config.db.clone(), spare);
     let mut req = Request::from_parts(parts, Body::from(bytes));
     req.extensions_mut().insert(tx.clone());
-    let res = match inner.call(req).await {
+    let call = inner.call(req);
+    let res = if tx.has_spare() {
+        let mut call = std::pin::pin!(call);
+        tokio::select! {
+            biased;
+            r = &mut call => r,
+            () = tokio::time::sleep(SPARE_HOLD) => {
+                drop(tx.take_spare());
+                call.await
+            }
+        }
+    } else {
+        call.await
+    };
+    let res = match res {
         Ok(r) => r,
         Err(never) => match never {},
     };
     let open = tx.take().await;
+    // Kept for the layer's own transaction if the handler began none, else returned now.
+    let spare = tx.take_spare();
     let give_back = async |open: Option<Tx>| {
         if let Some(t) = open {
             let _ = t.rollback().await;
@@ -283,6 +330,7 @@ where
         }
     };
     if !res.status().is_success() {
+        drop(spare);
         give_back(open).await;
         return res;
     }
@@ -290,23 +338,26 @@ where
     let body = match to_bytes(res_body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
+            drop(spare);
             give_back(open).await;
             return Problem::internal(e).into_response();
         }
     };
-    let stored = StoredResponse {
-        status: res_parts.status.as_u16(),
-        headers: res_parts
-            .headers
-            .iter()
-            .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
-            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
-            .collect(),
-        body: body.to_vec(),
-    };
+    // Stored as a JSON array of [name, value] pairs (what `StoredResponse::headers` reads back),
+    // straight from the response's headers; the body is bound as it is, not copied.
+    let headers: Vec<(&str, &str)> = res_parts
+        .headers
+        .iter()
+        .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+        .collect();
+    let headers = serde_json::to_string(&headers).expect("strings serialise");
     let mut t = match open {
-        Some(t) => t,
-        None => match config.db.begin_write().await {
+        Some(t) => {
+            drop(spare);
+            t
+        }
+        None => match begin(&config.db, spare).await {
             Ok(t) => t,
             Err(e) => {
                 give_back(None).await;
@@ -314,7 +365,7 @@ where
             }
         },
     };
-    match complete(&mut t, &scope, &key, &token, &stored).await {
+    match store_response(&mut t, &scope, &key, &token, res_parts.status.as_u16(), &headers, &body).await {
         Ok(true) => {}
         Ok(false) => {
             let _ = t.rollback().await;
@@ -335,4 +386,78 @@ where
         return Problem::internal(e).into_response();
     }
     Response::from_parts(res_parts, Body::from(body))
+}
+
+/// The layer's own transaction handling on both backends: the claim's connection kept for the
+/// handler (PostgreSQL), given back when the handler calls out first, or used by the layer
+/// itself when the handler writes nothing.
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use axum::Router;
+    use axum::routing::post;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::testing::{Fixture, Kind};
+
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {
+            mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Embedded).await } )* }
+            mod pg { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::PgJetStream).await } )* }
+        };
+    }
+
+    on_both!(handler_that_calls_out_before_writing, handler_that_writes_nothing,);
+
+    async fn send(app: &Router, key: &str) -> Response {
+        let req = Request::post("/t")
+            .header("idempotency-key", key)
+            .body(Body::from("x"))
+            .unwrap();
+        app.clone().oneshot(req).await.unwrap()
+    }
+
+    async fn count(db: &Db) -> i64 {
+        crate::on_pool!(db, p => sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(p).await.unwrap())
+    }
+
+    /// Longer than `SPARE_HOLD` between the claim and the first write: the kept connection went
+    /// back to the pool, and the transaction begins on another.
+    async fn handler_that_calls_out_before_writing(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        crate::on_pool!(&f.db, p => sqlx::query("CREATE TABLE t (v TEXT NOT NULL)").execute(p).await.map(|_| ()).unwrap());
+        let app = Router::new().route(
+            "/t",
+            post(|tx: IdempotentTx| async move {
+                tokio::time::sleep(SPARE_HOLD * 3).await;
+                let mut tx = tx.get().await?;
+                crate::on_conn!(&mut *tx, c => sqlx::query("INSERT INTO t (v) VALUES ('x')").execute(c).await.map(|_| ()))?;
+                Ok::<_, Problem>((StatusCode::CREATED, "made"))
+            })
+            .layer(IdempotencyLayer::new(f.db.clone())),
+        );
+        for key in ["a", "b"] {
+            assert_eq!(send(&app, key).await.status(), StatusCode::CREATED);
+        }
+        let replay = send(&app, "a").await;
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(count(&f.db).await, 2);
+        f.cleanup().await;
+    }
+
+    /// No transaction asked for: the layer stores the response in one of its own.
+    async fn handler_that_writes_nothing(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        crate::on_pool!(&f.db, p => sqlx::query("CREATE TABLE t (v TEXT NOT NULL)").execute(p).await.map(|_| ()).unwrap());
+        let app = Router::new().route(
+            "/t",
+            post(|| async { (StatusCode::ACCEPTED, "noted") }).layer(IdempotencyLayer::new(f.db.clone())),
+        );
+        assert_eq!(send(&app, "a").await.status(), StatusCode::ACCEPTED);
+        let replay = send(&app, "a").await;
+        assert_eq!(replay.status(), StatusCode::ACCEPTED);
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(to_bytes(replay.into_body(), 100).await.unwrap(), "noted");
+        f.cleanup().await;
+    }
 }
