@@ -349,9 +349,7 @@ async fn consumer_phase(
             "SELECT COUNT(*) FROM bench_effects",
         )
     };
-    sqlx::query(create)
-        .execute(store.pool())
-        .await?;
+    sqlx::query(create).execute(store.pool()).await?;
     let mut runner_config = RunnerConfig::new(ConsumerConfig::new(durable, format!("{relay_root}.>")));
     runner_config.batch_size = WINDOW;
     runner_config.concurrency = 8;
@@ -388,9 +386,7 @@ async fn consumer_phase(
     }
     let _ = stop_consumer.send(true);
     let _ = consumer_task.await;
-    let done: i64 = sqlx::query_scalar(count)
-        .fetch_one(store.pool())
-        .await?;
+    let done: i64 = sqlx::query_scalar(count).fetch_one(store.pool()).await?;
     anyhow::ensure!(done as usize == total, "{done} effects for {total} events");
     Ok(rate)
 }

@@ -95,7 +95,9 @@ pub fn init(otlp_endpoint: Option<&str>, from_env: bool) -> anyhow::Result<Telem
 fn traces_url(base: &str) -> anyhow::Result<String> {
     let url = reqwest::Url::parse(base).map_err(|e| anyhow::anyhow!("OTLP endpoint {base:?} is not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        anyhow::bail!("OTLP endpoint {base:?} must be an http:// or https:// URL of the collector, e.g. http://127.0.0.1:4318");
+        anyhow::bail!(
+            "OTLP endpoint {base:?} must be an http:// or https:// URL of the collector, e.g. http://127.0.0.1:4318"
+        );
     }
     Ok(format!("{}/v1/traces", base.trim_end_matches('/')))
 }
@@ -118,8 +120,14 @@ mod tests {
 
     #[test]
     fn traces_go_to_the_signal_path_of_the_base_url() {
-        assert_eq!(traces_url("http://127.0.0.1:4318").unwrap(), "http://127.0.0.1:4318/v1/traces");
-        assert_eq!(traces_url("https://otel.example/").unwrap(), "https://otel.example/v1/traces");
+        assert_eq!(
+            traces_url("http://127.0.0.1:4318").unwrap(),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("https://otel.example/").unwrap(),
+            "https://otel.example/v1/traces"
+        );
         assert!(traces_url("127.0.0.1:4318").is_err());
         assert!(traces_url("grpc://x:4317").is_err());
     }

@@ -564,7 +564,10 @@ fn otlp_endpoint_is_checked_before_anything_runs() {
     if seaport_sea::logging::OTLP_BUILT_IN {
         assert!(err.contains("must be an http:// or https:// URL"), "{err}");
     } else {
-        assert!(err.contains("built without it") && err.contains("--features otlp"), "{err}");
+        assert!(
+            err.contains("built without it") && err.contains("--features otlp"),
+            "{err}"
+        );
         let out = Command::new(env!("CARGO_BIN_EXE_seaport"))
             .args(["--data-dir", d, "outbox", "status"])
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")

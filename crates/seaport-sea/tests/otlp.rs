@@ -103,7 +103,11 @@ impl Drop for Service {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +173,10 @@ async fn spans_reach_the_collector_as_one_tree() {
 
     let request = spans.iter().find(|s| s.name == "request").unwrap();
     assert_eq!(request.service, "seaport");
-    assert_eq!(request.parent, caller_span, "the request span is a child of the caller's span");
+    assert_eq!(
+        request.parent, caller_span,
+        "the request span is a child of the caller's span"
+    );
     assert_eq!(request.attr("path"), Some("/cases"));
     assert_eq!(
         answered,

@@ -94,6 +94,14 @@ pub async fn contains_in(db: &Db, consumer: &str, message_id: &str) -> Result<bo
     Ok(found.is_some())
 }
 
+/// The batch check on PostgreSQL: one primary-key lookup per id, whatever plan is cached. A
+/// plain join (or `message_id = ANY($2)`) planned while the inbox was empty is cached as a scan
+/// of all of the consumer's records (a hash join), which costs more with every record; the
+/// `LATERAL … LIMIT 1` cannot be flattened into such a join.
+#[doc(hidden)]
+pub const PROCESSED_AMONG_SQL: &str = "SELECT m.id FROM UNNEST($2::text[]) AS m(id),
+     LATERAL (SELECT 1 FROM seaport_inbox i WHERE i.consumer = $1 AND i.message_id = m.id LIMIT 1) AS hit";
+
 /// Which of `message_ids` has `consumer` processed? One query for a whole batch.
 pub async fn processed_among(
     db: &Db,
@@ -102,13 +110,7 @@ pub async fn processed_among(
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
     let found: Vec<String> = match db {
         Db::Postgres(p) => {
-            // A join on the ids rather than `message_id = ANY($2)`: a plan cached while the inbox
-            // was small may scan all of a consumer's records and test each against the array;
-            // this shape is one primary-key lookup per id whatever the table has grown to.
-            sqlx::query_scalar(
-                "SELECT i.message_id FROM UNNEST($2::text[]) AS m(id)
-                 JOIN seaport_inbox i ON i.consumer = $1 AND i.message_id = m.id",
-            )
+            sqlx::query_scalar(PROCESSED_AMONG_SQL)
                 .bind(consumer)
                 .bind(message_ids)
                 .fetch_all(p.pool())

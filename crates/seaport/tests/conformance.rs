@@ -1222,7 +1222,10 @@ async fn batch_handler_writes_a_batch_at_once_and_falls_back_per_event_on_failur
     ids.dedup();
     assert_eq!(before, ids.len(), "an event had two effects");
     assert_eq!(ids.len(), expected, "one effect per processed event");
-    assert!(!ids.contains(&poison.as_str()), "the failed batch's writes were rolled back");
+    assert!(
+        !ids.contains(&poison.as_str()),
+        "the failed batch's writes were rolled back"
+    );
     for id in &skipped {
         assert!(!ids.contains(&id.as_str()), "an event already in the inbox ran again");
     }

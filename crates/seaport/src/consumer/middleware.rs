@@ -118,9 +118,7 @@ impl Middleware for InboxDedupe {
             return Ok(());
         }
         next.run(ctx, event).await?;
-        if ctx.verdict == Verdict::Processed
-            && !ctx.defer_inbox_record(&event.id, event.correlationid.as_deref())
-        {
+        if ctx.verdict == Verdict::Processed && !ctx.defer_inbox_record(&event.id, event.correlationid.as_deref()) {
             let consumer = ctx.consumer;
             let fresh = inbox::record(ctx.tx().await?, consumer, &event.id, event.correlationid.as_deref()).await?;
             if !fresh {

@@ -724,9 +724,9 @@ impl Inner {
             .collect();
         let done: HashSet<String> = crate::inbox::processed_among(&self.store, consumer, &ids).await?;
         // First deliveries only, no dead-letter replays: those need the chain's policies.
-        let plain = batch.iter().all(|(d, _, _)| {
-            d.delivery_count == 1 && !d.message.headers.contains_key(dead_letters::REPLAY_FOR_HEADER)
-        });
+        let plain = batch
+            .iter()
+            .all(|(d, _, _)| d.delivery_count == 1 && !d.message.headers.contains_key(dead_letters::REPLAY_FOR_HEADER));
         if plain && self.default_stack && self.handler.handles_batches() {
             return self.try_batch_handler(batch, &done).await;
         }
@@ -798,7 +798,10 @@ impl Inner {
         let tx = shared.as_mut().expect("just set");
         let fresh = crate::inbox::record_many(&mut *tx, consumer, records).await?;
         if fresh != records.len() as u64 {
-            tracing::debug!(consumer, "another worker processed part of the batch first; rolling back");
+            tracing::debug!(
+                consumer,
+                "another worker processed part of the batch first; rolling back"
+            );
             if let Some(tx) = shared.take() {
                 tx.rollback().await?;
             }

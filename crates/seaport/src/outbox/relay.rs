@@ -22,8 +22,8 @@
 //! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
 //! still finishing its commit, it waits for that writer and then sees its rows.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnection;
@@ -41,6 +41,31 @@ use crate::store::{Db, PgStore, now_ms};
 pub const LOCK_NAMESPACE: i32 = 0x5EA9;
 /// `application_name` of the relays' lock connections, by which relays count each other.
 pub const RELAY_APPLICATION: &str = "seaport-relay";
+
+/// How a claim's transaction begins, in one round trip. Asynchronous commit: losing a mark in a
+/// database crash only republishes (see [`Relay::drain`]). No sorts, bitmap or sequential
+/// scans: before the outbox is first analysed (a new database, or a burst of inserts since),
+/// PostgreSQL estimates a handful of unpublished rows and plans to sort all of them to find the
+/// oldest 256, or to scan the whole table, published rows included, for the update. Each claim
+/// would then cost more as the backlog grows. Without those, the only plan left walks the
+/// unpublished-rows index in seq order, stops at the limit, and updates by primary key.
+#[doc(hidden)]
+pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO off; \
+     SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off";
+
+/// The claim: the oldest unpublished rows of the partitions `$1`, at most `$2`, marked
+/// published at `$3` and returned. `SKIP LOCKED` passes over rows claimed by a transaction
+/// still open (the batch being published). `= ANY(ARRAY(…))` makes the update a primary-key
+/// lookup per claimed row; as a join, PostgreSQL may hash it against a scan of the whole table,
+/// published rows included.
+#[doc(hidden)]
+pub const CLAIM_SQL: &str = "UPDATE seaport_outbox SET published_at = $3, attempts = attempts + 1
+     WHERE seq = ANY(ARRAY(
+         SELECT seq FROM seaport_outbox
+         WHERE published_at IS NULL AND partition = ANY($1)
+         ORDER BY seq LIMIT $2
+         FOR UPDATE SKIP LOCKED))
+     RETURNING seq, event_id, topic, envelope, traceparent";
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -107,7 +132,19 @@ impl Relay {
         if let Some(locks) = &mut self.partitions {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
-        let batch = self.fetch_batch(&[]).await?;
+        if self.partitions.is_some() {
+            let Some(claim) = self.claim().await? else {
+                return Ok(RelayPass::default());
+            };
+            let (confirmed, failed) = self.publish(&claim.batch).await;
+            let pass = RelayPass {
+                published: confirmed.len(),
+                failed: failed.len(),
+            };
+            claim.settle(failed).await?;
+            return Ok(pass);
+        }
+        let batch = self.fetch_batch().await?;
         if batch.seqs.is_empty() {
             return Ok(RelayPass::default());
         }
@@ -120,18 +157,24 @@ impl Relay {
         Ok(pass)
     }
 
-    /// Publish everything that is unpublished now, until a fetch comes back empty or the broker
+    /// Publish everything that is unpublished now, until a claim comes back empty or the broker
     /// refuses something.
     ///
-    /// On PostgreSQL this is a three-stage pipeline: while batch *n* is being published, batch
-    /// *n+1* is fetched (excluding the rows still in flight: no cursor, so a late commit is never
-    /// skipped) and batch *n-1* is being marked published. Batches are still *published* one
-    /// after the other, in order, and the next one only after the broker confirmed the previous:
-    /// a refused message stops the drain before anything behind it goes out.
+    /// On PostgreSQL this is a pipeline of claims. A claim is one statement that takes the oldest
+    /// unpublished rows of the owned partitions and marks them published, `RETURNING` them, in a
+    /// transaction that stays open while they are published: nothing is committed before the
+    /// broker confirmed it. While batch *n* is being published, batch *n+1* is claimed (its
+    /// `FOR UPDATE SKIP LOCKED` passes over the rows of batch *n*, locked by its open
+    /// transaction: no cursor, so a late commit is never skipped) and batch *n-1* commits.
+    /// Batches are still *published* one after the other, in order, and the next one only after
+    /// the broker confirmed the previous: a refused message stops the drain before anything
+    /// behind it goes out, and its row is put back (unpublished, with the reason) in its claim's
+    /// transaction.
     ///
-    /// Marks are committed with `synchronous_commit = off`: a mark lost in a database crash only
+    /// Claims commit with `synchronous_commit = off`: a mark lost in a database crash only
     /// means the row is published again, which the broker's duplicate window (message id = event
     /// id) and the consumers' inbox absorb. Nothing the relay marks was acknowledged to anyone.
+    /// A relay that dies mid-publish leaves its claim uncommitted: the rows stay unpublished.
     pub async fn drain(&mut self) -> Result<RelayPass, sqlx::Error> {
         if self.partitions.is_none() {
             // SQLite: one writer at a time; fetch, publish (the embedded broker writes to the
@@ -150,57 +193,43 @@ impl Relay {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
         let mut total = RelayPass::default();
-        // Rows published (or being published) whose mark has not committed yet.
-        let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
-        let mut marks: VecDeque<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = VecDeque::new();
-        let mut next = self.fetch_batch(&[]).await;
+        let mut settling: VecDeque<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = VecDeque::new();
+        let mut next = self.claim().await;
         let outcome = loop {
-            let batch = match next {
-                Ok(b) if b.seqs.is_empty() => break Ok(()),
-                Ok(b) => b,
+            let claim = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            in_flight
-                .lock()
-                .expect("in-flight lock")
-                .extend(batch.seqs.iter().copied());
-            let exclude: Vec<i64> = in_flight.lock().expect("in-flight lock").iter().copied().collect();
-            let ((confirmed, failed), fetched) = tokio::join!(self.publish(&batch), self.fetch_batch(&exclude));
+            let ((confirmed, failed), claimed) = tokio::join!(self.publish(&claim.batch), self.claim());
             total.published += confirmed.len();
             total.failed += failed.len();
             let stop = !failed.is_empty();
-            // At most two marks pending: a slow database slows the relay instead of growing memory.
-            while marks.len() >= 2 {
-                if let Some(m) = marks.pop_front() {
-                    join_mark(m).await?;
+            // At most two commits pending: a slow database slows the relay instead of growing
+            // the number of open transactions.
+            while settling.len() >= 2 {
+                if let Some(s) = settling.pop_front() {
+                    join_task(s).await?;
                 }
             }
-            let (db, in_flight) = (self.db.clone(), in_flight.clone());
-            marks.push_back(tokio::spawn(async move {
-                let seqs = batch.seqs;
-                let result = mark(&db, confirmed, failed).await;
-                if result.is_ok() {
-                    let mut held = in_flight.lock().expect("in-flight lock");
-                    for s in &seqs {
-                        held.remove(s);
-                    }
-                }
-                result
-            }));
+            settling.push_back(tokio::spawn(claim.settle(failed)));
             // A drain under steady load never runs dry: hand back to `run` when partitions are
-            // due for a rebalance, so other relays can get their share (the prefetched batch is
-            // simply read again).
+            // due for a rebalance, so other relays can get their share.
             let rebalance = self
                 .partitions
                 .as_ref()
                 .is_some_and(|l| l.due(self.config.rebalance_interval));
             if stop || rebalance {
+                // The claim made meanwhile is given back unpublished (rolled back).
+                if let Ok(Some(unused)) = claimed {
+                    let _ = unused.tx.rollback().await;
+                }
                 break Ok(());
             }
-            next = fetched;
+            next = claimed;
         };
-        for m in marks {
-            join_mark(m).await?;
+        for s in settling {
+            join_task(s).await?;
         }
         outcome.map(|()| total)
     }
@@ -223,69 +252,48 @@ impl Relay {
         (confirmed, failed)
     }
 
-    /// Unpublished rows, oldest first: their seqs and the messages to publish, side by side.
-    async fn fetch_batch(&self, exclude: &[i64]) -> Result<Batch, sqlx::Error> {
-        let limit = self.config.batch_size as i64;
-        let rows = match (&self.db, &self.partitions) {
-            (Db::Sqlite(s), _) => {
-                let mut tx = s.begin_write().await?;
-                let rows = sqlx::query(
-                    "SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox
-                     WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-                )
-                .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                rows.into_iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                    .collect::<Vec<(i64, String, String, Vec<u8>, Option<String>)>>()
-            }
-            (Db::Postgres(p), Some(locks)) => {
-                if locks.owned.is_empty() {
-                    return Ok(Batch::default());
-                }
-                let owned: Vec<i64> = locks.owned.iter().copied().collect();
-                sqlx::query(
-                    "SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox
-                     WHERE published_at IS NULL AND partition = ANY($1) AND seq <> ALL($3)
-                     ORDER BY seq LIMIT $2",
-                )
-                .bind(&owned)
-                .bind(limit)
-                .bind(exclude)
-                .fetch_all(p.pool())
-                .await?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                .collect()
-            }
-            (Db::Postgres(_), None) => unreachable!("a PostgreSQL relay always has partition locks"),
+    /// SQLite: the oldest unpublished rows, read under the write lock.
+    async fn fetch_batch(&self) -> Result<Batch, sqlx::Error> {
+        let Db::Sqlite(s) = &self.db else {
+            unreachable!("PostgreSQL relays claim rows instead")
         };
-        let (seqs, messages) = rows
-            .into_iter()
-            .map(|(seq, id, topic, payload, traceparent)| {
-                let mut headers = BTreeMap::from([
-                    (MSG_ID_HEADER.to_owned(), id.clone()),
-                    ("content-type".to_owned(), CLOUDEVENTS_JSON.to_owned()),
-                ]);
-                // The trace context travels as a header too, for tools that do not read payloads.
-                if let Some(t) = traceparent {
-                    tracing::debug!(event_id = %id, traceparent = %t, "relaying");
-                    headers.insert("traceparent".to_owned(), t);
-                }
-                (
-                    seq,
-                    OutgoingMessage {
-                        id,
-                        subject: topic,
-                        headers,
-                        payload,
-                    },
-                )
-            })
-            .unzip();
-        Ok(Batch { seqs, messages })
+        let mut tx = s.begin_write().await?;
+        let rows = sqlx::query(
+            "SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox
+             WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+        )
+        .bind(self.config.batch_size as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Batch::from_rows(rows.iter().map(decode).collect()))
+    }
+
+    /// PostgreSQL: claim the oldest unpublished rows of the owned partitions, marked published
+    /// in a transaction left open until [`Claim::settle`]; `None` if there are none.
+    async fn claim(&self) -> Result<Option<Claim>, sqlx::Error> {
+        let (Db::Postgres(p), Some(locks)) = (&self.db, &self.partitions) else {
+            unreachable!("only PostgreSQL relays claim rows")
+        };
+        if locks.owned.is_empty() {
+            return Ok(None);
+        }
+        let owned: Vec<i64> = locks.owned.iter().copied().collect();
+        let mut tx = p.pool().begin_with(CLAIM_BEGIN).await?;
+        let rows = sqlx::query(CLAIM_SQL)
+            .bind(&owned)
+            .bind(self.config.batch_size as i64)
+            .bind(now_ms())
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let mut batch = Batch::from_rows(rows.iter().map(decode).collect());
+        // RETURNING follows no order; publish in seq order.
+        batch.sort();
+        Ok(Some(Claim { tx, batch }))
     }
 
     /// Run until `shutdown` changes to `true`: drain the outbox, then sleep until the next commit
@@ -352,6 +360,82 @@ struct Batch {
     messages: Vec<OutgoingMessage>,
 }
 
+impl Batch {
+    /// Rows of `seq, event_id, topic, envelope, traceparent` as messages.
+    fn from_rows(rows: Vec<(i64, String, String, Vec<u8>, Option<String>)>) -> Batch {
+        let (seqs, messages) = rows
+            .into_iter()
+            .map(|(seq, id, topic, payload, traceparent)| {
+                let mut headers = BTreeMap::from([
+                    (MSG_ID_HEADER.to_owned(), id.clone()),
+                    ("content-type".to_owned(), CLOUDEVENTS_JSON.to_owned()),
+                ]);
+                // The trace context travels as a header too, for tools that do not read payloads.
+                if let Some(t) = traceparent {
+                    tracing::debug!(event_id = %id, traceparent = %t, "relaying");
+                    headers.insert("traceparent".to_owned(), t);
+                }
+                (
+                    seq,
+                    OutgoingMessage {
+                        id,
+                        subject: topic,
+                        headers,
+                        payload,
+                    },
+                )
+            })
+            .unzip();
+        Batch { seqs, messages }
+    }
+
+    fn sort(&mut self) {
+        let mut pairs: Vec<(i64, OutgoingMessage)> = std::mem::take(&mut self.seqs)
+            .into_iter()
+            .zip(std::mem::take(&mut self.messages))
+            .collect();
+        pairs.sort_unstable_by_key(|(seq, _)| *seq);
+        (self.seqs, self.messages) = pairs.into_iter().unzip();
+    }
+}
+
+/// A row of `seq, event_id, topic, envelope, traceparent`.
+fn decode<R: Row>(r: &R) -> (i64, String, String, Vec<u8>, Option<String>)
+where
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+}
+
+/// Rows claimed by a PostgreSQL relay: marked published in `tx`, which is still open.
+struct Claim {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    batch: Batch,
+}
+
+impl Claim {
+    /// After the broker answered: put the refused rows back (unpublished, with the reason),
+    /// then commit, so exactly the confirmed rows stay published.
+    async fn settle(mut self, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
+        if !failed.is_empty() {
+            let (seqs, errors): (Vec<i64>, Vec<String>) = failed.into_iter().unzip();
+            sqlx::query(
+                "UPDATE seaport_outbox o SET published_at = NULL, last_error = f.error
+                 FROM UNNEST($1::bigint[], $2::text[]) AS f(seq, error) WHERE o.seq = f.seq",
+            )
+            .bind(seqs)
+            .bind(errors)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        self.tx.commit().await
+    }
+}
+
 /// Mark `confirmed` rows published and count an attempt (with the reason) on `failed` ones.
 async fn mark(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
     let now = now_ms();
@@ -389,9 +473,9 @@ async fn mark(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Resul
     tx.commit().await
 }
 
-async fn join_mark(task: tokio::task::JoinHandle<Result<(), sqlx::Error>>) -> Result<(), sqlx::Error> {
+async fn join_task(task: tokio::task::JoinHandle<Result<(), sqlx::Error>>) -> Result<(), sqlx::Error> {
     task.await
-        .map_err(|e| sqlx::Error::Protocol(format!("the mark task failed: {e}")))?
+        .map_err(|e| sqlx::Error::Protocol(format!("the relay's commit task failed: {e}")))?
 }
 
 /// The relay partitions one relay owns, as session advisory locks on a dedicated connection.
