@@ -433,8 +433,9 @@ impl ScratchDatabase {
     }
 }
 
-/// The pipelining window of both the raw loop and the relay (its batch size).
-const WINDOW: usize = 256;
+/// The pipelining window of both the raw loop and the relay (its batch size, the relay's
+/// default), and the consumers' fetch size.
+const WINDOW: usize = 1024;
 
 pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(

@@ -46,7 +46,7 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// database crash only republishes (see [`Relay::drain`]). No sorts, bitmap or sequential
 /// scans: before the outbox is first analysed (a new database, or a burst of inserts since),
 /// PostgreSQL estimates a handful of unpublished rows and plans to sort all of them to find the
-/// oldest 256, or to scan the whole table, published rows included, for the update. Each claim
+/// oldest batch, or to scan the whole table, published rows included, for the update. Each claim
 /// would then cost more as the backlog grows. Without those, the only plan left walks the
 /// unpublished-rows index in seq order, stops at the limit, and updates by primary key.
 #[doc(hidden)]
@@ -69,7 +69,10 @@ pub const CLAIM_SQL: &str = "UPDATE seaport_outbox SET published_at = $3, attemp
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// Rows published per round trip (all in flight at once on JetStream).
+    /// Rows claimed per statement and published per round trip (all in flight at once on
+    /// JetStream). 1024 rather than 256 drains a backlog on PostgreSQL about 20% faster
+    /// (BENCHMARKS.md): fewer claims and commits, and JetStream keeps more in flight. Under a
+    /// steady trickle a batch is whatever has committed, so this does not delay anything.
     pub batch_size: usize,
     /// Fallback scan when no commit signal arrives (lost notifications, reconnects).
     pub poll_interval: Duration,
@@ -82,7 +85,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
-            batch_size: 256,
+            batch_size: 1024,
             poll_interval: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
             rebalance_interval: Duration::from_secs(1),
