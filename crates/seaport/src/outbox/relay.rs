@@ -365,7 +365,7 @@ struct Batch {
 
 impl Batch {
     /// Rows of `seq, event_id, topic, envelope, traceparent` as messages.
-    fn from_rows(rows: Vec<(i64, String, String, Vec<u8>, Option<String>)>) -> Batch {
+    fn from_rows(rows: Vec<OutboxRow>) -> Batch {
         let (seqs, messages) = rows
             .into_iter()
             .map(|(seq, id, topic, payload, traceparent)| {
@@ -402,8 +402,11 @@ impl Batch {
     }
 }
 
+/// `seq, event_id, topic, envelope, traceparent` of an outbox row.
+type OutboxRow = (i64, String, String, Vec<u8>, Option<String>);
+
 /// A row of `seq, event_id, topic, envelope, traceparent`.
-fn decode<R: Row>(r: &R) -> (i64, String, String, Vec<u8>, Option<String>)
+fn decode<R: Row>(r: &R) -> OutboxRow
 where
     usize: sqlx::ColumnIndex<R>,
     i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
