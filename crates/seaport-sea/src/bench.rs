@@ -54,6 +54,9 @@ pub struct BenchReport {
     pub raw_publish_per_sec: f64,
     pub relay_per_sec: f64,
     pub relay_vs_raw: f64,
+    /// Two relays at once, each owning half of the partitions.
+    pub two_relays_per_sec: f64,
+    pub two_relays_vs_raw: f64,
     pub raw_consume_per_sec: f64,
     pub consumer_per_sec: f64,
     pub consumer_vs_raw: f64,
@@ -276,6 +279,79 @@ async fn embedded_latency(config: &BenchConfig) -> anyhow::Result<Percentiles> {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     outcome
+}
+
+/// Two relays drain a pre-filled outbox of `like.len()` fresh events at once, once each owns
+/// half of the partitions; returns events per second.
+async fn two_relays(
+    db: &Db,
+    broker: &Arc<JetStreamBroker>,
+    outbox: &Outbox,
+    topic: &str,
+    like: &[Event],
+) -> anyhow::Result<f64> {
+    let config = RelayConfig {
+        batch_size: WINDOW,
+        rebalance_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let mut relays = [
+        Relay::new(db.clone(), broker.clone(), config.clone()),
+        Relay::new(db.clone(), broker.clone(), config),
+    ];
+    // Partitions settle (the outbox has nothing unpublished yet): 8 each.
+    let settle_by = Instant::now() + Duration::from_secs(30);
+    while relays.iter().any(|r| r.owned_partitions().len() != 8) {
+        anyhow::ensure!(
+            Instant::now() < settle_by,
+            "the two relays did not share the partitions"
+        );
+        for r in &mut relays {
+            r.run_once().await?;
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let bar = progress::bar(like.len() as u64, "pre-filling the outbox for two relays");
+    for chunk in like.chunks(1000) {
+        let mut tx = db.begin_write().await?;
+        for e in chunk {
+            let fresh = Event::new(e.ty.clone(), e.source.clone(), e.data.clone().unwrap_or_default())
+                .with_subject(e.subject.clone().unwrap_or_default());
+            outbox.insert_to(&mut tx, topic, &fresh).await?;
+        }
+        tx.commit().await?;
+        if let Some(bar) = &bar {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let total = like.len();
+    let started = Instant::now();
+    let [mut a, mut b] = relays;
+    // Each drains until both together published everything. (Rebalancing is due every 50 ms,
+    // which ends a drain; with both relays alive each keeps its 8 partitions.)
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let drain = async |r: &mut Relay| -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        while done.load(Ordering::Relaxed) < total {
+            let pass = r.drain().await?;
+            anyhow::ensure!(pass.failed == 0, "the broker refused events during the benchmark");
+            done.fetch_add(pass.published, Ordering::Relaxed);
+            if pass.published == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        Ok(())
+    };
+    let (ra, rb) = tokio::join!(drain(&mut a), drain(&mut b));
+    ra?;
+    rb?;
+    let published = done.into_inner();
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(published >= total, "two relays published {published} of {total}");
+    Ok(rate)
 }
 
 /// The trivial transactional effect of the consumer benchmark: a row per event in `table`.
@@ -563,6 +639,12 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         cpu.push(cpu_phase("relay", &cpu_before, started.elapsed()));
         drop(relay);
 
+        // 1c. Two relays (the scale-out deployment's many instances), eight partitions each:
+        // their claims run on two connections at once. Fresh events (the outbox keeps the
+        // published ones), to a subject of the raw stream, which no consumer reads.
+        let relay2_rate = two_relays(&db, &broker, &outbox, &format!("{raw_root}.relay2.happened"), &events).await?;
+        eprintln!("two relays: {relay2_rate:.0}/s ({:.2}x raw)", relay2_rate / raw_rate);
+
         // 3a. The raw consume limit: a bare async-nats pull consumer, ack per message.
         let raw_consumer: jetstream::consumer::PullConsumer = js
             .get_stream(&relay_stream)
@@ -677,6 +759,8 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             raw_publish_per_sec: raw_rate,
             relay_per_sec: relay_rate,
             relay_vs_raw: relay_rate / raw_rate,
+            two_relays_per_sec: relay2_rate,
+            two_relays_vs_raw: relay2_rate / raw_rate,
             raw_consume_per_sec: raw_consume_rate,
             consumer_per_sec: consume_rate,
             consumer_vs_raw: consume_rate / raw_consume_rate,
@@ -715,6 +799,10 @@ pub fn print(report: &BenchReport, json: bool) {
     println!(
         "  outbox relay (pre-filled)       : {:>10.0} events/s  ({:.2}x raw)",
         report.relay_per_sec, report.relay_vs_raw
+    );
+    println!(
+        "  two relays, 8 partitions each   : {:>10.0} events/s  ({:.2}x raw)",
+        report.two_relays_per_sec, report.two_relays_vs_raw
     );
     println!(
         "  raw JetStream consume + ack     : {:>10.0} msgs/s",

@@ -24,9 +24,16 @@ pub const CONSUMERS: [&str; 4] = [ANALYTICS, NOTIFICATIONS, AUDIT, CONTEXT];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The process's Prometheus recorder, installed on first use. The `metrics` facade has one
-/// recorder per process; if the embedding application installed its own first, ours still
-/// renders (without the facade's data) rather than failing.
+/// How often the recorder folds recorded histogram samples into its buckets. Until then each
+/// sample is kept, and rendering `/metrics` is the only other thing that folds them: a process
+/// nobody scrapes grew by 15 bytes per delivery (30 MiB after 2M deliveries in
+/// `bench-backlog`).
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The process's Prometheus recorder, installed on first use, with a thread that does its
+/// upkeep (a thread, not a task: this may be called before or outside any runtime). The
+/// `metrics` facade has one recorder per process; if the embedding application installed its
+/// own first, ours still renders (without the facade's data) rather than failing.
 pub fn prometheus() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
@@ -37,6 +44,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".to_owned())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histogram samples wait for /metrics scrapes");
+        }
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("another metrics recorder is installed; /metrics shows scrape-time gauges only");
         }
