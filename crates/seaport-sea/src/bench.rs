@@ -290,16 +290,17 @@ async fn two_relays(
     topic: &str,
     like: &[Event],
 ) -> anyhow::Result<f64> {
+    // The default rebalance interval (1 s): a drain ends when a rebalance is due, so a shorter
+    // one would restart the pipeline more often than a deployment does.
     let config = RelayConfig {
         batch_size: WINDOW,
-        rebalance_interval: Duration::from_millis(50),
         ..Default::default()
     };
     let mut relays = [
         Relay::new(db.clone(), broker.clone(), config.clone()),
         Relay::new(db.clone(), broker.clone(), config),
     ];
-    // Partitions settle (the outbox has nothing unpublished yet): 8 each.
+    // Partitions settle (the outbox has nothing unpublished yet): 8 each, after a few rebalances.
     let settle_by = Instant::now() + Duration::from_secs(30);
     while relays.iter().any(|r| r.owned_partitions().len() != 8) {
         anyhow::ensure!(
@@ -309,7 +310,7 @@ async fn two_relays(
         for r in &mut relays {
             r.run_once().await?;
         }
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let bar = progress::bar(like.len() as u64, "pre-filling the outbox for two relays");
     for chunk in like.chunks(1000) {
@@ -330,8 +331,8 @@ async fn two_relays(
     let total = like.len();
     let started = Instant::now();
     let [mut a, mut b] = relays;
-    // Each drains until both together published everything. (Rebalancing is due every 50 ms,
-    // which ends a drain; with both relays alive each keeps its 8 partitions.)
+    // Each drains until both together published everything. (A drain ends when a rebalance is
+    // due; with both relays alive each keeps its 8 partitions.)
     let done = std::sync::atomic::AtomicUsize::new(0);
     let drain = async |r: &mut Relay| -> anyhow::Result<()> {
         use std::sync::atomic::Ordering;
