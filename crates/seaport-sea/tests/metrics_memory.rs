@@ -3,7 +3,6 @@
 //! with every delivery (it did: 15 bytes per delivery, 30 MiB after 2M deliveries in
 //! `seaport bench-backlog`). Its own test binary: it measures the process's memory.
 
-
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
     let kb: u64 = status
