@@ -1,0 +1,4 @@
+BEGIN;
+INSERT INTO cases (id, title, description, customer_id, status, correlation_id, created_at, customer_check, customer_name, customer_email) VALUES (gen_random_uuid()::text, 'Printer on fire', 'Third floor', 'cust-1', 'open', gen_random_uuid()::text, '2026-11-26T09:00:00Z', 'unverified', NULL, NULL);
+INSERT INTO seaport_outbox (event_id, topic, ordering_key, partition, envelope, created_at, traceparent) VALUES (gen_random_uuid()::text, 'sea.cases.created', 'case-1', 3, convert_to(repeat('x', 600), 'UTF8'), 1, '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01') RETURNING seq;
+COMMIT;
