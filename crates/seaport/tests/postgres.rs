@@ -228,6 +228,14 @@ async fn poll_fallback_publishes_when_notifications_are_lost() {
     f.cleanup().await;
 }
 
+/// One or more statements (simple protocol) on `conn`.
+async fn run(conn: &mut sqlx::PgConnection, sql: impl Into<String>) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.into()))
+        .execute(conn)
+        .await
+        .unwrap();
+}
+
 /// The plan of a prepared statement is cached per connection, and PostgreSQL switches to a
 /// generic plan after five executions. Planned while a table is empty, the obvious SQL becomes a
 /// scan of the whole table (a hash join for the inbox check, a sort of every unpublished row for
@@ -242,26 +250,23 @@ async fn hot_statements_keep_index_plans_when_first_planned_on_empty_tables() {
     let plan = |rows: Vec<String>| rows.join("\n");
 
     // The consumer's inbox check for a batch, with the generic plan forced.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET plan_cache_mode = force_generic_plan; PREPARE among(text, text[]) AS {}",
-        seaport::inbox::PROCESSED_AMONG_SQL
-    )))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    run(
+        &mut conn,
+        format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE among(text, text[]) AS {}",
+            seaport::inbox::PROCESSED_AMONG_SQL
+        ),
+    )
+    .await;
     // Executed (so planned and cached) on the empty table; no ANALYZE after the inserts: it
     // would invalidate the cached plan, which autovacuum does only every so often.
-    sqlx::raw_sql("EXECUTE among('c', '{m1}')")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::raw_sql(
+    run(&mut conn, "EXECUTE among('c', '{m1}')").await;
+    run(
+        &mut conn,
         "INSERT INTO seaport_inbox (consumer, message_id, processed_at)
          SELECT 'c', 'm' || g, g FROM generate_series(1, 20000) g",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    .await;
     let among: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE among('c', '{m1,m2,x}')")
         .fetch_all(&mut *conn)
         .await
@@ -271,49 +276,37 @@ async fn hot_statements_keep_index_plans_when_first_planned_on_empty_tables() {
         among.contains("Index") && !among.contains("Seq Scan") && !among.contains("Hash"),
         "the inbox check must be one index lookup per id:\n{among}"
     );
-    sqlx::raw_sql("RESET plan_cache_mode")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    run(&mut conn, "RESET plan_cache_mode").await;
 
     // The relay's claim, in a transaction begun as the relay begins it, run on an empty outbox
     // more than five times (what a relay does while idle), then with a backlog.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "PREPARE claim(bigint[], bigint, bigint) AS {}",
-        seaport::outbox::relay::CLAIM_SQL
-    )))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    run(
+        &mut conn,
+        format!(
+            "PREPARE claim(bigint[], bigint, bigint) AS {}",
+            seaport::outbox::relay::CLAIM_SQL
+        ),
+    )
+    .await;
     let explain_claim = || sqlx::query_scalar::<_, String>("EXPLAIN EXECUTE claim('{0,1,2,3}', 256, 1)");
     for _ in 0..8 {
-        sqlx::raw_sql(seaport::outbox::relay::CLAIM_BEGIN)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        sqlx::raw_sql("EXECUTE claim('{0,1,2,3}', 256, 1); ROLLBACK")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        run(&mut conn, seaport::outbox::relay::CLAIM_BEGIN).await;
+        run(&mut conn, "EXECUTE claim('{0,1,2,3}', 256, 1); ROLLBACK").await;
     }
-    sqlx::raw_sql(
+    run(
+        &mut conn,
         "INSERT INTO seaport_outbox (event_id, topic, partition, envelope, created_at)
          SELECT 'e' || g, 't', g % 16, '\\x00', g FROM generate_series(1, 20000) g",
     )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::raw_sql(seaport::outbox::relay::CLAIM_BEGIN)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    .await;
+    run(&mut conn, seaport::outbox::relay::CLAIM_BEGIN).await;
     let claim = plan(explain_claim().fetch_all(&mut *conn).await.unwrap());
-    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+    run(&mut conn, "ROLLBACK").await;
     assert!(
         claim.contains("seaport_outbox_unpublished") && !claim.contains("Sort") && !claim.contains("Seq Scan"),
         "the claim must walk the unpublished-rows index in seq order and stop at the limit:\n{claim}"
     );
-    sqlx::raw_sql("DEALLOCATE ALL").execute(&mut *conn).await.unwrap();
+    run(&mut conn, "DEALLOCATE ALL").await;
     drop(conn);
     f.cleanup().await;
 }

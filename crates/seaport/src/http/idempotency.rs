@@ -794,6 +794,14 @@ mod races {
         f.cleanup().await;
     }
 
+    /// Every idle pooled connection (one in use elsewhere, e.g. a listener, would make waiting
+    /// for all of them time out).
+    fn idle<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Vec<sqlx::pool::PoolConnection<DB>> {
+        let conns: Vec<_> = std::iter::from_fn(|| pool.try_acquire()).collect();
+        assert!(!conns.is_empty(), "the claims left connections in the pool");
+        conns
+    }
+
     /// The claim's relaxed durability stays with the claim: every pooled connection afterwards
     /// commits durably (SQLite `synchronous` FULL, PostgreSQL `synchronous_commit` on).
     async fn claims_leave_pooled_connections_durable(kind: Kind) {
@@ -803,14 +811,7 @@ mod races {
         }
         match &f.db {
             Db::Sqlite(s) => {
-                // Every idle pooled connection (one in use elsewhere, e.g. a listener, would
-                // make waiting for all of them time out).
-                let mut conns = Vec::new();
-                while let Some(c) = s.pool().try_acquire() {
-                    conns.push(c);
-                }
-                assert!(!conns.is_empty(), "the claims left connections in the pool");
-                for c in &mut conns {
+                for c in &mut idle(s.pool()) {
                     let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
                         .fetch_one(&mut **c)
                         .await
@@ -819,14 +820,7 @@ mod races {
                 }
             }
             Db::Postgres(p) => {
-                // Every idle pooled connection (one in use elsewhere, e.g. a listener, would
-                // make waiting for all of them time out).
-                let mut conns = Vec::new();
-                while let Some(c) = p.pool().try_acquire() {
-                    conns.push(c);
-                }
-                assert!(!conns.is_empty(), "the claims left connections in the pool");
-                for c in &mut conns {
+                for c in &mut idle(p.pool()) {
                     let level: String = sqlx::query_scalar("SHOW synchronous_commit")
                         .fetch_one(&mut **c)
                         .await
