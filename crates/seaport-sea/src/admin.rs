@@ -255,12 +255,10 @@ async fn overview(
         "<h2>Outbox</h2><div class=\"cards\" id=\"outbox\">\
 <div class=\"card\">backlog<b id=\"outbox-backlog\">{}</b></div>\
 <div class=\"card\">lag (oldest unpublished)<b id=\"outbox-lag\">{}</b></div>\
-<div class=\"card\">failing<b id=\"outbox-failing\">{}</b></div>\
-<div class=\"card\">published (retained)<b id=\"outbox-published\">{}</b></div></div>",
+<div class=\"card\">failing<b id=\"outbox-failing\">{}</b></div></div>",
         outbox.unpublished,
         esc(&lag),
-        outbox.failing,
-        outbox.published
+        outbox.failing
     );
 
     // Consumers: the service's own, plus any other name that has dead letters.

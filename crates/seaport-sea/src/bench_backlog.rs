@@ -293,7 +293,7 @@ async fn prefill(pool: &PgPool, topics: &Topics, n: usize) -> anyhow::Result<()>
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox")
         .fetch_one(pool)
         .await?;
     ensure!(stored == n as i64, "pre-filled {stored} outbox rows instead of {n}");
@@ -343,7 +343,7 @@ impl Progress<'_> {
     async fn done(&self, total: u64) -> anyhow::Result<u64> {
         match self {
             &Progress::Outbox(pool) => {
-                let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+                let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox")
                     .fetch_one(pool)
                     .await
                     .context("cannot count the unpublished outbox rows")?;

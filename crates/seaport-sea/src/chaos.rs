@@ -11,7 +11,7 @@
 //! private `nats-server -js` (its own port and store, so killing it harms no one else). Embedded
 //! mode: the single process on SQLite, killed and restarted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -385,9 +385,17 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Summary> {
         None => Db::open(&work.join("data").join("seaport.db").display().to_string()).await?,
     };
     let settle_deadline = Instant::now() + config.settle_timeout;
+    let stream_history = async || -> anyhow::Result<StreamHistory> {
+        let nats_url = nats.lock().await.as_ref().map(Proc::nats_url);
+        match nats_url {
+            Some(url) => stream_history_jetstream(&url, &stream).await,
+            None => stream_history_embedded(&db).await,
+        }
+    };
     loop {
-        let (unpublished, missing) = (unpublished(&db).await?, missing_effects(&db).await?);
-        if unpublished == 0 && missing == 0 {
+        // The broker's stream is the record of every published event (the relay deletes outbox
+        // rows once published): read it only once the outbox is empty.
+        if unpublished(&db).await? == 0 && missing_effects(&db, &stream_history().await?).await? == 0 {
             break;
         }
         if Instant::now() > settle_deadline {
@@ -416,17 +424,14 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Summary> {
         .count();
     summary.duplicate_cases = on_pool!(&db, p => sqlx::query_scalar::<_, i64>(
         "SELECT COUNT(*) FROM (SELECT title FROM cases GROUP BY title HAVING COUNT(*) > 1) d").fetch_one(p).await)?;
-    let nats_url = nats.lock().await.as_ref().map(Proc::nats_url);
-    let published = match nats_url {
-        Some(url) => stream_case_events_jetstream(&url, &stream).await?,
-        None => stream_case_events_embedded(&db).await?,
-    };
+    let history = stream_history().await?;
+    let published = &history.case_events;
     summary.duplicate_events = published.values().filter(|n| **n > 1).count();
     summary.missing_events = cases.iter().filter(|(id, _)| !published.contains_key(id)).count();
     summary.duplicated_effects = on_pool!(&db, p => sqlx::query_scalar::<_, i64>(
         "SELECT COUNT(*) FROM (SELECT consumer, event_id FROM consumer_effects GROUP BY consumer, event_id HAVING COUNT(*) > 1) d")
         .fetch_one(p).await)?;
-    summary.missing_effects = missing_effects(&db).await?;
+    summary.missing_effects = missing_effects(&db, &history).await?;
     summary.unpublished = unpublished(&db).await?;
     summary.dead_letters = on_pool!(&db, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seaport_dead_letters").fetch_one(p).await)?;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -519,59 +524,73 @@ async fn drop_database(admin: &str, tag: &str) {
 
 async fn unpublished(db: &Db) -> anyhow::Result<i64> {
     Ok(
-        on_pool!(db, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+        on_pool!(db, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seaport_outbox")
         .fetch_one(p).await)?,
     )
 }
 
-/// Outbox events times fan-out consumers, minus those each consumer's inbox says it processed
-/// (not every event has an effect: notifications ignores all but new cases).
-async fn missing_effects(db: &Db) -> anyhow::Result<i64> {
+/// Published events times fan-out consumers, minus those each consumer's inbox says it
+/// processed (not every event has an effect: notifications ignores all but new cases).
+async fn missing_effects(db: &Db, history: &StreamHistory) -> anyhow::Result<i64> {
     let mut missing = 0;
     for consumer in [ANALYTICS, NOTIFICATIONS, AUDIT] {
-        let n: i64 = on_pool!(db, p => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM seaport_outbox o
-             WHERE NOT EXISTS (SELECT 1 FROM seaport_inbox i WHERE i.consumer = $1 AND i.message_id = o.event_id)",
+        let processed: HashSet<String> = on_pool!(db, p => sqlx::query_scalar(
+            "SELECT message_id FROM seaport_inbox WHERE consumer = $1",
         )
         .bind(consumer)
-        .fetch_one(p)
-        .await)?;
-        missing += n;
+        .fetch_all(p)
+        .await)?
+        .into_iter()
+        .collect();
+        missing += history.event_ids.iter().filter(|id| !processed.contains(*id)).count() as i64;
     }
     Ok(missing)
 }
 
-/// Case id → how many `sea.cases.created` events for it the stream holds.
-async fn stream_case_events_jetstream(nats_url: &str, stream: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+/// What the broker's stream holds.
+#[derive(Default)]
+struct StreamHistory {
+    /// Every event id, once (the broker drops a republished copy by its message id).
+    event_ids: HashSet<String>,
+    /// Case id → how many `sea.cases.created` events for it.
+    case_events: BTreeMap<String, usize>,
+}
+
+impl StreamHistory {
+    fn add(&mut self, payload: &[u8]) {
+        let Ok(e) = seaport::Event::from_json(payload) else {
+            return;
+        };
+        if e.ty == crate::cases::CASE_CREATED
+            && let Some(id) = e.data.as_ref().and_then(|d| d["id"].as_str())
+        {
+            *self.case_events.entry(id.to_owned()).or_default() += 1;
+        }
+        self.event_ids.insert(e.id);
+    }
+}
+
+async fn stream_history_jetstream(nats_url: &str, stream: &str) -> anyhow::Result<StreamHistory> {
     let client = async_nats::connect(nats_url).await?;
     let js = async_nats::jetstream::new(client);
     let mut s = js.get_stream(stream).await?;
     let last = s.info().await?.state.last_sequence;
-    let mut out = BTreeMap::new();
+    let mut out = StreamHistory::default();
     for seq in 1..=last {
         let Ok(m) = s.get_raw_message(seq).await else { continue };
-        count_case_event(&m.payload, &mut out);
+        out.add(&m.payload);
     }
     Ok(out)
 }
 
-async fn stream_case_events_embedded(db: &Db) -> anyhow::Result<BTreeMap<String, usize>> {
+async fn stream_history_embedded(db: &Db) -> anyhow::Result<StreamHistory> {
     let payloads: Vec<Vec<u8>> =
         on_pool!(db, p => sqlx::query_scalar("SELECT payload FROM seaport_broker_messages").fetch_all(p).await)?;
-    let mut out = BTreeMap::new();
+    let mut out = StreamHistory::default();
     for payload in payloads {
-        count_case_event(&payload, &mut out);
+        out.add(&payload);
     }
     Ok(out)
-}
-
-fn count_case_event(payload: &[u8], out: &mut BTreeMap<String, usize>) {
-    if let Ok(e) = seaport::Event::from_json(payload)
-        && e.ty == crate::cases::CASE_CREATED
-        && let Some(id) = e.data.as_ref().and_then(|d| d["id"].as_str())
-    {
-        *out.entry(id.to_owned()).or_default() += 1;
-    }
 }
 
 /// Fail with the summary line if the history shows a violation.

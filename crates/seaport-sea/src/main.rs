@@ -53,9 +53,6 @@ enum Command {
         /// Subject root of the service's events (`<root>.cases.created`, consumers on `<root>.>`).
         #[arg(long, default_value = "sea")]
         subject_root: String,
-        /// Published outbox rows are deleted after this many hours.
-        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87600))]
-        outbox_retention_hours: u64,
         /// Inbox records are deleted after this many hours (must exceed any redelivery horizon).
         #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
         inbox_retention_hours: u64,
@@ -298,13 +295,10 @@ enum OutboxCommand {
 #[derive(Subcommand)]
 enum RetentionCommand {
     /// Sweep now, as `seaport serve` does every minute, round after round until a round deletes
-    /// nothing: published outbox rows and inbox records older than their retention, idempotency
-    /// keys past their expiry. Each batch is its own short transaction; safe beside a running
+    /// nothing: inbox records older than their retention, idempotency keys past their expiry
+    /// (outbox rows need no sweep: the relay deletes each one once the broker confirmed it). Each batch is its own short transaction; safe beside a running
     /// service (one sweeper at a time on PostgreSQL).
     Sweep {
-        /// Published outbox rows older than this many hours are deleted (unpublished never).
-        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87600))]
-        outbox_retention_hours: u64,
         /// Inbox records older than this many hours are deleted. Keep the service's value: it
         /// must exceed the redelivery horizon, or a late duplicate would run its handler again.
         #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
@@ -312,8 +306,7 @@ enum RetentionCommand {
         /// Rows of each kind deleted per transaction.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         batch: u64,
-        /// Print one JSON object: `{"outbox_rows", "inbox_records", "idempotency_keys",
-        /// "rounds", "skipped"}`.
+        /// Print one JSON object: `{"inbox_records", "idempotency_keys", "rounds", "skipped"}`.
         #[arg(long)]
         json: bool,
     },
@@ -371,7 +364,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             role,
             stream,
             subject_root,
-            outbox_retention_hours,
             inbox_retention_hours,
         } => {
             anyhow::ensure!(
@@ -401,7 +393,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &webhook_sources,
             )?;
             config.admin_token = seaport_sea::admin::AdminToken::configure(admin_token.as_deref())?;
-            config.retention.outbox = Duration::from_secs(outbox_retention_hours * 3600);
             config.retention.inbox = Duration::from_secs(inbox_retention_hours * 3600);
             let running = app::start(config).await?;
             println!("seaport listening on http://{}", running.addr);
@@ -459,7 +450,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 println!("unpublished: {}", s.unpublished);
-                println!("published:   {}", s.published);
                 println!("failing:     {}", s.failing);
                 match s.oldest_unpublished_age_ms {
                     Some(ms) => println!("oldest unpublished: {:.3} s ago", ms as f64 / 1000.0),
@@ -471,7 +461,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retention {
             command:
                 RetentionCommand::Sweep {
-                    outbox_retention_hours,
                     inbox_retention_hours,
                     batch,
                     json,
@@ -479,7 +468,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let store = open_existing(&cli.data_dir, cli.database_url).await?;
             let config = seaport::retention::RetentionConfig {
-                outbox: Duration::from_secs(outbox_retention_hours * 3600),
                 inbox: Duration::from_secs(inbox_retention_hours * 3600),
                 batch: batch as i64,
                 ..Default::default()
@@ -491,8 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&totals)?);
             } else {
                 println!(
-                    "deleted {} published outbox rows, {} inbox records and {} expired idempotency keys in {} round{}",
-                    totals.outbox,
+                    "deleted {} inbox records and {} expired idempotency keys in {} round{}",
                     totals.inbox,
                     totals.idempotency_keys,
                     totals.rounds,
@@ -723,8 +710,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// What `seaport retention sweep` deleted over all its rounds (its `--json` output).
 #[derive(Debug, Default, serde::Serialize)]
 struct SweepTotals {
-    #[serde(rename = "outbox_rows")]
-    outbox: u64,
     #[serde(rename = "inbox_records")]
     inbox: u64,
     idempotency_keys: u64,
@@ -760,26 +745,25 @@ async fn retention_sweep(
             .await
             .with_context(|| format!("retention sweep round {} failed", totals.rounds + 1))?;
         totals.rounds += 1;
-        totals.outbox += swept.outbox;
         totals.inbox += swept.inbox;
         totals.idempotency_keys += swept.idempotency_keys;
-        let deleted = swept.outbox + swept.inbox + swept.idempotency_keys;
+        let deleted = swept.inbox + swept.idempotency_keys;
         match &bar {
             Some(bar) => {
                 // Rows may become eligible while the sweep runs: grow the bar rather than overflow.
-                let done = totals.outbox + totals.inbox + totals.idempotency_keys;
+                let done = totals.inbox + totals.idempotency_keys;
                 if done > bar.length().unwrap_or(0) {
                     bar.set_length(done);
                 }
                 bar.set_message(format!(
-                    "sweeping (outbox {}, inbox {}, keys {})",
-                    totals.outbox, totals.inbox, totals.idempotency_keys
+                    "sweeping (inbox {}, keys {})",
+                    totals.inbox, totals.idempotency_keys
                 ));
                 bar.set_position(done);
             }
             None if !json && deleted > 0 => eprintln!(
-                "round {}: deleted {} outbox rows, {} inbox records, {} idempotency keys",
-                totals.rounds, swept.outbox, swept.inbox, swept.idempotency_keys
+                "round {}: deleted {} inbox records, {} idempotency keys",
+                totals.rounds, swept.inbox, swept.idempotency_keys
             ),
             None => {}
         }

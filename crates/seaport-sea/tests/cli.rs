@@ -138,7 +138,11 @@ async fn outbox_status_and_trace_read_the_live_database(kind: Kind) {
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["unpublished"], 0);
-    assert_eq!(status["published"], 2);
+    assert_eq!(status["failing"], 0);
+    assert!(
+        status.get("published").is_none(),
+        "published rows are deleted, not counted: {status}"
+    );
     let (code, out, _) = run_on(&["outbox", "status"], &t);
     assert_eq!(code, 0);
     assert!(out.contains("unpublished: 0"), "{out}");
@@ -255,8 +259,10 @@ async fn serve_refuses_inbox_retention_shorter_than_the_redelivery_horizon() {
 }
 
 /// Post a case and wait until it and the events it led to are relayed and processed by every
-/// fan-out consumer: each outbox event has one inbox record per fan-out consumer (a message
-/// waiting for a retry may not show in the broker's counts, the inbox does not lie).
+/// fan-out consumer: a new case leads to two events (`sea.cases.created`, and the
+/// notifications consumer's `sea.notifications.queued`), each with one inbox record per fan-out
+/// consumer (a message waiting for a retry may not show in the broker's counts, the inbox does
+/// not lie), and then the broker has nothing left to deliver.
 async fn post_case_and_settle(s: &TestService, key: &str) {
     let res = s
         .http
@@ -268,15 +274,16 @@ async fn post_case_and_settle(s: &TestService, key: &str) {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
+    assert_eq!(FAN_OUT.len(), 3);
     wait_for("the case to be published and processed", async || {
-        let outbox = s.count("SELECT COUNT(*) FROM seaport_outbox").await;
-        s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
+        s.count("SELECT COUNT(*) FROM seaport_outbox").await == 0
+            && s.count_for(
+                "SELECT COUNT(*) FROM seaport_inbox WHERE correlation_id = $1
+                   AND consumer IN ('analytics__from_sea', 'audit__from_sea', 'notifications__from_sea')",
+                key,
+            )
             .await
-            == 0
-            && s.count("SELECT COUNT(*) FROM seaport_inbox").await == outbox * FAN_OUT.len() as i64
-            && s.count_for("SELECT COUNT(*) FROM seaport_inbox WHERE correlation_id = $1", key)
-                .await
-                > 0
+                == 2 * 3
     })
     .await;
     for consumer in FAN_OUT {
@@ -298,20 +305,12 @@ async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
     // and only for rows over ten years old.
     let mut s = TestService::start_with(kind, |c| {
         c.retention.interval = std::time::Duration::from_secs(3600);
-        c.retention.outbox = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
-        c.retention.inbox = c.retention.outbox;
+        c.retention.inbox = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
     })
     .await;
 
     // Old: everything the first case made, aged by two hours (timestamps are ms since epoch).
     post_case_and_settle(&s, "ret-old").await;
-    let old_outbox = execute(
-        &s,
-        "UPDATE seaport_outbox SET created_at = created_at - $1, published_at = published_at - $1
-          WHERE published_at IS NOT NULL",
-        2 * HOUR_MS,
-    )
-    .await;
     let old_inbox = execute(
         &s,
         "UPDATE seaport_inbox SET processed_at = processed_at - $1",
@@ -324,15 +323,11 @@ async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
         seaport::store::now_ms() - 1000,
     )
     .await;
-    assert!(
-        old_outbox > 0 && old_inbox > 0 && expired_keys == 1,
-        "{old_outbox} {old_inbox} {expired_keys}"
-    );
+    assert!(old_inbox > 0 && expired_keys == 1, "{old_inbox} {expired_keys}");
 
     // Recent: a second case, untouched.
     post_case_and_settle(&s, "ret-new").await;
-    let (outbox_before, inbox_before, keys_before) = (
-        s.count("SELECT COUNT(*) FROM seaport_outbox").await as u64,
+    let (inbox_before, keys_before) = (
         s.count("SELECT COUNT(*) FROM seaport_inbox").await as u64,
         s.count("SELECT COUNT(*) FROM seaport_idempotency_keys").await as u64,
     );
@@ -348,7 +343,7 @@ async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
     tx.commit().await.unwrap();
     let aged = execute(
         &s,
-        "UPDATE seaport_outbox SET created_at = created_at - $1 WHERE published_at IS NULL",
+        "UPDATE seaport_outbox SET created_at = created_at - $1",
         2 * HOUR_MS,
     )
     .await;
@@ -356,56 +351,29 @@ async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
 
     // What the progress bar is sized by: exactly the rows made old.
     let config = seaport::retention::RetentionConfig {
-        outbox: std::time::Duration::from_secs(3600),
         inbox: std::time::Duration::from_secs(3600),
         ..Default::default()
     };
     let eligible = seaport::retention::eligible(&s.db, &config).await.unwrap();
-    assert_eq!(
-        (eligible.outbox, eligible.inbox, eligible.idempotency_keys),
-        (old_outbox, old_inbox, expired_keys)
-    );
+    assert_eq!((eligible.inbox, eligible.idempotency_keys), (old_inbox, expired_keys));
 
     let t = target(&s);
-    let sweep = [
-        "retention",
-        "sweep",
-        "--outbox-retention-hours",
-        "1",
-        "--inbox-retention-hours",
-        "1",
-        "--batch",
-        "2",
-    ];
+    let sweep = ["retention", "sweep", "--inbox-retention-hours", "1", "--batch", "2"];
     let mut json_sweep = sweep.to_vec();
     json_sweep.push("--json");
     let (code, out, err) = run_on(&json_sweep, &t);
     assert_eq!(code, 0, "{err}");
     let totals: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
-    assert_eq!(totals["outbox_rows"], old_outbox, "{totals}");
     assert_eq!(totals["inbox_records"], old_inbox, "{totals}");
     assert_eq!(totals["idempotency_keys"], expired_keys, "{totals}");
     assert_eq!(totals["skipped"], false, "{totals}");
     // Batches of 2: enough rounds for the largest kind, plus the round that found nothing.
-    let most = old_outbox.max(old_inbox).max(expired_keys);
+    let most = old_inbox.max(expired_keys);
     assert_eq!(totals["rounds"], most.div_ceil(2) + 1, "{totals}");
     assert!(err.trim().is_empty(), "--json prints no round lines: {err}");
 
     // Recent rows and the unpublished one are still there.
-    assert_eq!(
-        s.count("SELECT COUNT(*) FROM seaport_outbox").await as u64,
-        outbox_before - old_outbox + 1
-    );
-    assert_eq!(
-        s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL")
-            .await,
-        1
-    );
-    assert!(
-        s.count("SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL")
-            .await
-            > 0
-    );
+    assert_eq!(s.count("SELECT COUNT(*) FROM seaport_outbox").await, 1);
     assert_eq!(
         s.count("SELECT COUNT(*) FROM seaport_inbox").await as u64,
         inbox_before - old_inbox
@@ -437,13 +405,13 @@ async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
     let again: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         again,
-        serde_json::json!({"outbox_rows": 0, "inbox_records": 0, "idempotency_keys": 0, "rounds": 1, "skipped": false})
+        serde_json::json!({"inbox_records": 0, "idempotency_keys": 0, "rounds": 1, "skipped": false})
     );
     let (code, out, err) = run_on(&sweep, &t);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.trim(),
-        "deleted 0 published outbox rows, 0 inbox records and 0 expired idempotency keys in 1 round"
+        "deleted 0 inbox records and 0 expired idempotency keys in 1 round"
     );
     assert!(err.trim().is_empty(), "no round lines when nothing was deleted: {err}");
     s.stop().await;
@@ -456,7 +424,7 @@ fn retention_sweep_checks_its_flags() {
     for (flag, value) in [
         ("--batch", "0"),
         ("--batch", "many"),
-        ("--outbox-retention-hours", "0"),
+        ("--inbox-retention-hours", "0"),
         ("--inbox-retention-hours", "1.5"),
         ("--inbox-retention-hours", "100000"),
     ] {

@@ -77,6 +77,46 @@ impl TestService {
         self.config.topics.topic(event_type)
     }
 
+    /// The envelopes of the events of `event_type`, in publish order, once none is left in the
+    /// outbox: the relay deletes a row when the broker confirmed it, so they are read from the
+    /// broker (the embedded broker's table, or the JetStream stream).
+    pub async fn published(&self, event_type: &str) -> Vec<serde_json::Value> {
+        let topic = self.topic(event_type);
+        wait_for("the events to be published", async || {
+            self.count_for("SELECT COUNT(*) FROM seaport_outbox WHERE topic = $1", &topic)
+                .await
+                == 0
+        })
+        .await;
+        let payloads: Vec<Vec<u8>> = match &self.config.nats_url {
+            None => seaport::on_pool!(&self.db, p => sqlx::query_scalar(
+                "SELECT payload FROM seaport_broker_messages WHERE subject = $1 ORDER BY seq",
+            )
+            .bind(&topic)
+            .fetch_all(p)
+            .await
+            .unwrap()),
+            Some(url) => {
+                let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let mut stream = js.get_stream(&self.config.stream).await.unwrap();
+                let last = stream.info().await.unwrap().state.last_sequence;
+                let mut out = Vec::new();
+                for seq in 1..=last {
+                    if let Ok(m) = stream.get_raw_message(seq).await
+                        && m.subject.as_str() == topic
+                    {
+                        out.push(m.payload.to_vec());
+                    }
+                }
+                out
+            }
+        };
+        payloads
+            .iter()
+            .map(|p| serde_json::from_slice(p).expect("a CloudEvents JSON envelope"))
+            .collect()
+    }
+
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();

@@ -1,6 +1,6 @@
-//! Retention: published outbox rows, old inbox records and expired idempotency keys are deleted
-//! in bounded batches (short transactions, no long locks), by one instance at a time (on
-//! PostgreSQL a transaction-level advisory lock elects the sweeper of each round).
+//! Retention: old inbox records and expired idempotency keys are deleted in bounded batches (short transactions, no long locks), by one instance at a time (on
+//! PostgreSQL a transaction-level advisory lock elects the sweeper of each round). Outbox rows
+//! need none: the relay deletes each one once the broker confirmed it.
 
 use std::time::Duration;
 
@@ -11,8 +11,6 @@ use crate::{on_conn, on_pool};
 
 #[derive(Clone, Debug)]
 pub struct RetentionConfig {
-    /// Published outbox rows older than this are deleted.
-    pub outbox: Duration,
     /// Inbox records older than this are deleted. Must exceed the longest redelivery / replay
     /// horizon, or a late duplicate would run its handler again.
     pub inbox: Duration,
@@ -25,7 +23,6 @@ pub struct RetentionConfig {
 impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
-            outbox: Duration::from_secs(24 * 3600),
             inbox: Duration::from_secs(7 * 24 * 3600),
             batch: 1000,
             interval: Duration::from_secs(60),
@@ -60,7 +57,6 @@ impl RetentionConfig {
 /// What one round deleted.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Swept {
-    pub outbox: u64,
     pub inbox: u64,
     pub idempotency_keys: u64,
     /// Another instance held the sweeper lock; this one did nothing.
@@ -70,25 +66,20 @@ pub struct Swept {
 /// What a sweep would delete now: the rows [`sweep_once`] selects, counted.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Eligible {
-    pub outbox: u64,
     pub inbox: u64,
     pub idempotency_keys: u64,
 }
 
 impl Eligible {
     pub fn total(&self) -> u64 {
-        self.outbox + self.inbox + self.idempotency_keys
+        self.inbox + self.idempotency_keys
     }
 }
 
-/// The cutoffs of the three kinds at `now` (ms): published outbox rows published before the
-/// first, inbox records processed before the second, idempotency keys expired at the third.
-fn cutoffs(config: &RetentionConfig, now: i64) -> [i64; 3] {
-    [
-        now - config.outbox.as_millis() as i64,
-        now - config.inbox.as_millis() as i64,
-        now,
-    ]
+/// The cutoffs of the two kinds at `now` (ms): inbox records processed before the first,
+/// idempotency keys expired at the second.
+fn cutoffs(config: &RetentionConfig, now: i64) -> [i64; 2] {
+    [now - config.inbox.as_millis() as i64, now]
 }
 
 /// Second key of the sweeper's advisory lock (first: the relay's namespace).
@@ -97,13 +88,8 @@ const SWEEPER_LOCK: i32 = 1_000;
 /// Delete one batch of each kind. Returns `skipped` if another instance is sweeping.
 pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx::Error> {
     let mut swept = Swept::default();
-    let [outbox_cutoff, inbox_cutoff, keys_cutoff] = cutoffs(config, now_ms());
-    let statements: [(&str, i64); 3] = [
-        (
-            "DELETE FROM seaport_outbox WHERE seq IN
-                (SELECT seq FROM seaport_outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
-            outbox_cutoff,
-        ),
+    let [inbox_cutoff, keys_cutoff] = cutoffs(config, now_ms());
+    let statements: [(&str, i64); 2] = [
         (
             "DELETE FROM seaport_inbox WHERE (consumer, message_id) IN
                 (SELECT consumer, message_id FROM seaport_inbox WHERE processed_at < $1 LIMIT $2)",
@@ -132,8 +118,7 @@ pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx
             on_conn!(&mut tx, c => sqlx::query(sql).bind(cutoff).bind(config.batch).execute(c).await?.rows_affected());
         tx.commit().await?;
         match i {
-            0 => swept.outbox = n,
-            1 => swept.inbox = n,
+            0 => swept.inbox = n,
             _ => swept.idempotency_keys = n,
         }
     }
@@ -143,12 +128,8 @@ pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx
 /// Count what [`sweep_once`] would delete now (same conditions), e.g. to size a progress bar.
 /// Reads only; the counts use the same indexes as the deletes.
 pub async fn eligible(db: &Db, config: &RetentionConfig) -> Result<Eligible, sqlx::Error> {
-    let [outbox_cutoff, inbox_cutoff, keys_cutoff] = cutoffs(config, now_ms());
-    let queries: [(&str, i64); 3] = [
-        (
-            "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL AND published_at < $1",
-            outbox_cutoff,
-        ),
+    let [inbox_cutoff, keys_cutoff] = cutoffs(config, now_ms());
+    let queries: [(&str, i64); 2] = [
         (
             "SELECT COUNT(*) FROM seaport_inbox WHERE processed_at < $1",
             inbox_cutoff,
@@ -158,14 +139,13 @@ pub async fn eligible(db: &Db, config: &RetentionConfig) -> Result<Eligible, sql
             keys_cutoff,
         ),
     ];
-    let mut counts = [0u64; 3];
+    let mut counts = [0u64; 2];
     for (count, (sql, cutoff)) in counts.iter_mut().zip(queries) {
         let n: i64 = on_pool!(db, p => sqlx::query_scalar(sql).bind(cutoff).fetch_one(p).await?);
         *count = n.max(0) as u64;
     }
-    let [outbox, inbox, idempotency_keys] = counts;
+    let [inbox, idempotency_keys] = counts;
     Ok(Eligible {
-        outbox,
         inbox,
         idempotency_keys,
     })
@@ -175,9 +155,7 @@ pub async fn eligible(db: &Db, config: &RetentionConfig) -> Result<Eligible, sql
 pub async fn run(db: Db, config: RetentionConfig, mut shutdown: watch::Receiver<bool>) {
     loop {
         let full = match sweep_once(&db, &config).await {
-            Ok(s) => [s.outbox, s.inbox, s.idempotency_keys]
-                .iter()
-                .any(|n| *n as i64 >= config.batch),
+            Ok(s) => [s.inbox, s.idempotency_keys].iter().any(|n| *n as i64 >= config.batch),
             Err(e) => {
                 tracing::warn!(error = %e, "retention sweep failed");
                 false

@@ -71,7 +71,7 @@ async fn drain(f: &Fixture) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         relay.run_once().await.unwrap();
-        if count(f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await == 0 {
+        if count(f, "SELECT COUNT(*) FROM seaport_outbox").await == 0 {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "relay did not drain the outbox");
@@ -178,7 +178,7 @@ macro_rules! conformance {
 conformance!(
     outbox_row_and_domain_row_commit_or_roll_back_together,
     outbox_refuses_invalid_events,
-    relay_publishes_in_order_and_never_marks_unconfirmed_rows,
+    relay_publishes_in_order_and_never_deletes_unconfirmed_rows,
     relay_wakes_on_commit_without_waiting_for_the_poll,
     broker_dedupes_publishes_by_message_id,
     fan_out_every_durable_gets_every_message,
@@ -188,7 +188,7 @@ conformance!(
     duplicate_message_runs_the_handler_once,
     message_that_keeps_failing_ends_in_dead_letters,
     two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects,
-    retention_deletes_only_old_published_rows_and_old_inbox_records,
+    retention_deletes_old_inbox_records_and_never_an_outbox_row,
     replayed_dead_letter_reaches_its_consumer_once_and_no_one_else,
     backoff_delays_grow_and_redeliveries_wait_for_them,
     panicking_handler_is_a_failed_attempt,
@@ -230,7 +230,7 @@ async fn outbox_row_and_domain_row_commit_or_roll_back_together(kind: Kind) {
     tx.commit().await.unwrap();
     assert_eq!(counts().await, (1, 1));
     let s = outbox::status(&f.db).await.unwrap();
-    assert_eq!((s.unpublished, s.published), (1, 0));
+    assert_eq!((s.unpublished, s.failing), (1, 0));
     assert!(s.oldest_unpublished_age_ms.is_some());
     f.cleanup().await;
 }
@@ -286,7 +286,7 @@ impl Broker for Refusing {
     }
 }
 
-async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
+async fn relay_publishes_in_order_and_never_deletes_unconfirmed_rows(kind: Kind) {
     let f = setup(kind).await;
     let events = write_events(&f, 30).await;
     let refused = events[7].id.clone();
@@ -306,7 +306,7 @@ async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
     let pass = relay.run_once().await.unwrap();
     assert_eq!((pass.published, pass.failed), (9, 1));
     let (unpublished, err): (Vec<String>, Option<String>) = seaport::on_pool!(&f.db, p => (
-        sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE published_at IS NULL ORDER BY seq").fetch_all(p).await.unwrap(),
+        sqlx::query_scalar("SELECT event_id FROM seaport_outbox ORDER BY seq").fetch_all(p).await.unwrap(),
         sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1").bind(&refused).fetch_one(p).await.unwrap(),
     ));
     assert_eq!(unpublished.len(), 21);
@@ -314,10 +314,7 @@ async fn relay_publishes_in_order_and_never_marks_unconfirmed_rows(kind: Kind) {
     assert!(err.unwrap().contains("injected"));
 
     while relay.run_once().await.unwrap().published > 0 {}
-    assert_eq!(
-        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
-        0
-    );
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 0);
     // What the broker has: every event once, in commit order except the refused one (retried).
     let mut sub = f
         .broker
@@ -362,7 +359,7 @@ async fn relay_wakes_on_commit_without_waiting_for_the_poll(kind: Kind) {
     tokio::time::sleep(Duration::from_millis(1500)).await; // idle, partitions taken, waiting
     let events = write_events(&f, 3).await;
     wait_for("the relay to publish without a poll", async || {
-        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NOT NULL").await == events.len() as i64
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox").await == 0
     })
     .await;
     stop.send(true).unwrap();
@@ -677,49 +674,40 @@ async fn two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects(
             .collect();
         assert_eq!(ns, (0..20).collect::<Vec<u64>>(), "order of {key}");
     }
-    assert_eq!(
-        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
-        0
-    );
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 0);
     f.cleanup().await;
 }
 
-async fn retention_deletes_only_old_published_rows_and_old_inbox_records(kind: Kind) {
+async fn retention_deletes_old_inbox_records_and_never_an_outbox_row(kind: Kind) {
     let f = setup(kind).await;
     write_events(&f, 5).await;
     drain(&f).await;
-    write_events(&f, 2).await; // unpublished: never deleted, however old
+    write_events(&f, 2).await; // unpublished: never deleted, however old (published ones are gone)
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 2);
     let mut tx = f.db.begin_write().await.unwrap();
     for (consumer, id) in [("c", "old-1"), ("c", "old-2"), ("c", "new-1")] {
         assert!(seaport::inbox::record(&mut tx, consumer, id, None).await.unwrap());
     }
     tx.commit().await.unwrap();
     seaport::on_pool!(&f.db, p => {
-        sqlx::query("UPDATE seaport_outbox SET published_at = published_at - 7200000, created_at = created_at - 7200000").execute(p).await.unwrap();
+        sqlx::query("UPDATE seaport_outbox SET created_at = created_at - 7200000").execute(p).await.unwrap();
         sqlx::query("UPDATE seaport_inbox SET processed_at = processed_at - 7200000 WHERE message_id LIKE 'old-%'").execute(p).await.unwrap();
     });
     let config = seaport::retention::RetentionConfig {
-        outbox: Duration::from_secs(3600),
         inbox: Duration::from_secs(3600),
-        batch: 3,
+        batch: 1,
         interval: Duration::from_secs(60),
     };
     let first = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
-    assert_eq!(
-        (first.outbox, first.inbox, first.skipped),
-        (3, 2, false),
-        "bounded batches"
-    );
+    assert_eq!((first.inbox, first.skipped), (1, false), "bounded batches");
     let second = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
-    assert_eq!(second.outbox, 2);
+    assert_eq!(second.inbox, 1);
+    let third = seaport::retention::sweep_once(&f.db, &config).await.unwrap();
+    assert_eq!(third.inbox, 0);
     assert_eq!(
         count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
         2,
         "unpublished rows stay"
-    );
-    assert_eq!(
-        count(&f, "SELECT COUNT(*) FROM seaport_outbox WHERE published_at IS NULL").await,
-        2
     );
     assert_eq!(
         count(&f, "SELECT COUNT(*) FROM seaport_inbox").await,

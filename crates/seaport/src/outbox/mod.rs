@@ -89,11 +89,11 @@ impl Outbox {
     }
 }
 
-/// What `seaport outbox status` shows.
+/// What `seaport outbox status` shows. Published rows are not counted: the relay deletes a row
+/// once the broker confirmed it (the broker's stream is the record of what was published).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct OutboxStatus {
     pub unpublished: i64,
-    pub published: i64,
     /// Unpublished rows whose last publish attempt failed.
     pub failing: i64,
     /// Age of the oldest unpublished event, in milliseconds (the relay's lag).
@@ -101,21 +101,17 @@ pub struct OutboxStatus {
 }
 
 const STATUS_SQL: &str = "SELECT
-        COUNT(*) FILTER (WHERE published_at IS NULL),
-        COUNT(*) FILTER (WHERE published_at IS NOT NULL),
-        COUNT(*) FILTER (WHERE published_at IS NULL AND last_error IS NOT NULL),
-        MIN(CASE WHEN published_at IS NULL THEN created_at END)
+        COUNT(*), COUNT(*) FILTER (WHERE last_error IS NOT NULL), MIN(created_at)
      FROM seaport_outbox";
 
 /// Read the outbox backlog.
 pub async fn status(db: &Db) -> Result<OutboxStatus, sqlx::Error> {
-    let (unpublished, published, failing, oldest): (i64, i64, i64, Option<i64>) = crate::on_pool!(db, p => {
+    let (unpublished, failing, oldest): (i64, i64, Option<i64>) = crate::on_pool!(db, p => {
         let r = sqlx::query(STATUS_SQL).fetch_one(p).await?;
-        (r.get(0), r.get(1), r.get(2), r.get(3))
+        (r.get(0), r.get(1), r.get(2))
     });
     Ok(OutboxStatus {
         unpublished,
-        published,
         failing,
         oldest_unpublished_age_ms: oldest.map(|t| (now_ms() - t).max(0)),
     })

@@ -1,7 +1,12 @@
-//! The outbox relay: moves committed outbox rows to the broker, at least once, and marks a row
-//! published only after the broker confirmed it. A crash between the two means the row is
-//! published again on restart; the broker drops the copy (dedupe by message id = event id) and
-//! the consumers' inbox would drop it too.
+//! The outbox relay: moves committed outbox rows to the broker, at least once, and deletes a row
+//! only after the broker confirmed it. A crash between the two means the row is published again
+//! on restart; the broker drops the copy (dedupe by message id = event id) and the consumers'
+//! inbox would drop it too.
+//!
+//! **Deleted, not marked.** Every row in the outbox is unpublished; the broker's stream is the
+//! record of what was published. On PostgreSQL a delete only stamps the row's version as gone,
+//! where marking it published wrote a whole new version, envelope included, plus an entry in
+//! every index: about three times the database's work per event, which capped the relay.
 //!
 //! **Never skipping a late commit.** The relay does not keep a "last published seq" cursor (the
 //! bug that loses events elsewhere: seq 10 is assigned, seq 11 commits first, the cursor moves
@@ -35,34 +40,34 @@ use crate::broker::{Broker, MSG_ID_HEADER, OutgoingMessage};
 use crate::crash::crash_point;
 use crate::event::CLOUDEVENTS_JSON;
 use crate::on_conn;
-use crate::store::{Db, PgStore, now_ms};
+use crate::store::{Db, PgStore};
 
 /// First key of the advisory locks of relay partitions (the second is the partition).
 pub const LOCK_NAMESPACE: i32 = 0x5EA9;
 /// `application_name` of the relays' lock connections, by which relays count each other.
 pub const RELAY_APPLICATION: &str = "seaport-relay";
 
-/// How a claim's transaction begins, in one round trip. Asynchronous commit: losing a mark in a
-/// database crash only republishes (see [`Relay::drain`]). No sorts, bitmap or sequential
+/// How a claim's transaction begins, in one round trip. Asynchronous commit: losing a claim's
+/// deletes in a database crash only republishes (see [`Relay::drain`]). No sorts, bitmap or sequential
 /// scans: before the outbox is first analysed (a new database, or a burst of inserts since),
-/// PostgreSQL estimates a handful of unpublished rows and plans to sort all of them to find the
-/// oldest batch, or to scan the whole table, published rows included, for the update. Each claim
-/// would then cost more as the backlog grows. Without those, the only plan left walks the
-/// unpublished-rows index in seq order, stops at the limit, and updates by primary key.
+/// PostgreSQL estimates a handful of rows and plans to sort all of them to find the oldest batch,
+/// or to scan the whole table for the delete. Each claim would then cost more as the backlog
+/// grows. Without those, the only plan left walks the primary key in seq order, stops at the
+/// limit, and deletes by primary key.
 #[doc(hidden)]
 pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO off; \
      SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off";
 
-/// The claim: the oldest unpublished rows of the partitions `$1`, at most `$2`, marked
-/// published at `$3` and returned. `SKIP LOCKED` passes over rows claimed by a transaction
-/// still open (the batch being published). `= ANY(ARRAY(…))` makes the update a primary-key
-/// lookup per claimed row; as a join, PostgreSQL may hash it against a scan of the whole table,
-/// published rows included.
+/// The claim: the oldest rows of the partitions `$1`, at most `$2`, deleted and returned, in a
+/// transaction that commits only once the broker confirmed them. `SKIP LOCKED` passes over rows
+/// claimed by a transaction still open (the batch being published). `= ANY(ARRAY(…))` makes the
+/// delete a primary-key lookup per claimed row; as a join, PostgreSQL may hash it against a scan
+/// of the whole table.
 #[doc(hidden)]
-pub const CLAIM_SQL: &str = "UPDATE seaport_outbox SET published_at = $3, attempts = attempts + 1
+pub const CLAIM_SQL: &str = "DELETE FROM seaport_outbox
      WHERE seq = ANY(ARRAY(
          SELECT seq FROM seaport_outbox
-         WHERE published_at IS NULL AND partition = ANY($1)
+         WHERE partition = ANY($1)
          ORDER BY seq LIMIT $2
          FOR UPDATE SKIP LOCKED))
      RETURNING seq, event_id, topic, envelope, traceparent";
@@ -130,7 +135,7 @@ impl Relay {
         }
     }
 
-    /// Publish one batch of unpublished rows (oldest first) and mark the confirmed ones.
+    /// Publish one batch of rows (oldest first) and delete the confirmed ones.
     pub async fn run_once(&mut self) -> Result<RelayPass, sqlx::Error> {
         if let Some(locks) = &mut self.partitions {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
@@ -144,7 +149,7 @@ impl Relay {
                 published: confirmed.len(),
                 failed: failed.len(),
             };
-            claim.settle(failed).await?;
+            claim.settle(confirmed, failed).await?;
             return Ok(pass);
         }
         let batch = self.fetch_batch().await?;
@@ -156,32 +161,31 @@ impl Relay {
             published: confirmed.len(),
             failed: failed.len(),
         };
-        mark(&self.db, confirmed, failed).await?;
+        delete_published(&self.db, confirmed, failed).await?;
         Ok(pass)
     }
 
     /// Publish everything that is unpublished now, until a claim comes back empty or the broker
     /// refuses something.
     ///
-    /// On PostgreSQL this is a pipeline of claims. A claim is one statement that takes the oldest
-    /// unpublished rows of the owned partitions and marks them published, `RETURNING` them, in a
-    /// transaction that stays open while they are published: nothing is committed before the
-    /// broker confirmed it. While batch *n* is being published, batch *n+1* is claimed (its
+    /// On PostgreSQL this is a pipeline of claims. A claim is one statement that deletes the
+    /// oldest rows of the owned partitions, `RETURNING` them, in a transaction that stays open
+    /// while they are published: nothing is committed before the broker confirmed it. While batch *n* is being published, batch *n+1* is claimed (its
     /// `FOR UPDATE SKIP LOCKED` passes over the rows of batch *n*, locked by its open
     /// transaction: no cursor, so a late commit is never skipped) and batch *n-1* commits.
     /// Batches are still *published* one after the other, in order, and the next one only after
     /// the broker confirmed the previous: a refused message stops the drain before anything
-    /// behind it goes out, and its row is put back (unpublished, with the reason) in its claim's
-    /// transaction.
+    /// behind it goes out: its claim is rolled back, and only the confirmed rows are deleted
+    /// (the refused ones keep the reason), in a transaction of their own.
     ///
-    /// Claims commit with `synchronous_commit = off`: a mark lost in a database crash only
+    /// Claims commit with `synchronous_commit = off`: a delete lost in a database crash only
     /// means the row is published again, which the broker's duplicate window (message id = event
-    /// id) and the consumers' inbox absorb. Nothing the relay marks was acknowledged to anyone.
-    /// A relay that dies mid-publish leaves its claim uncommitted: the rows stay unpublished.
+    /// id) and the consumers' inbox absorb. Nothing the relay deletes was acknowledged to anyone.
+    /// A relay that dies mid-publish leaves its claim uncommitted: the rows stay in the outbox.
     pub async fn drain(&mut self) -> Result<RelayPass, sqlx::Error> {
         if self.partitions.is_none() {
             // SQLite: one writer at a time; fetch, publish (the embedded broker writes to the
-            // same file) and mark cannot overlap anyway.
+            // same file) and delete cannot overlap anyway.
             let mut total = RelayPass::default();
             loop {
                 let pass = self.run_once().await?;
@@ -215,7 +219,7 @@ impl Relay {
                     join_task(s).await?;
                 }
             }
-            settling.push_back(tokio::spawn(claim.settle(failed)));
+            settling.push_back(tokio::spawn(claim.settle(confirmed, failed)));
             // A drain under steady load never runs dry: hand back to `run` when partitions are
             // due for a rebalance, so other relays can get their share.
             let rebalance = self
@@ -255,25 +259,23 @@ impl Relay {
         (confirmed, failed)
     }
 
-    /// SQLite: the oldest unpublished rows, read under the write lock.
+    /// SQLite: the oldest rows, read under the write lock.
     async fn fetch_batch(&self) -> Result<Batch, sqlx::Error> {
         let Db::Sqlite(s) = &self.db else {
             unreachable!("PostgreSQL relays claim rows instead")
         };
         let mut tx = s.begin_write().await?;
-        let rows = sqlx::query(
-            "SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox
-             WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-        )
-        .bind(self.config.batch_size as i64)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows =
+            sqlx::query("SELECT seq, event_id, topic, envelope, traceparent FROM seaport_outbox ORDER BY seq LIMIT $1")
+                .bind(self.config.batch_size as i64)
+                .fetch_all(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(Batch::from_rows(rows.iter().map(decode).collect()))
     }
 
-    /// PostgreSQL: claim the oldest unpublished rows of the owned partitions, marked published
-    /// in a transaction left open until [`Claim::settle`]; `None` if there are none.
+    /// PostgreSQL: claim the oldest rows of the owned partitions, deleted in a transaction left
+    /// open until [`Claim::settle`]; `None` if there are none.
     async fn claim(&self) -> Result<Option<Claim>, sqlx::Error> {
         let (Db::Postgres(p), Some(locks)) = (&self.db, &self.partitions) else {
             unreachable!("only PostgreSQL relays claim rows")
@@ -286,7 +288,6 @@ impl Relay {
         let rows = sqlx::query(CLAIM_SQL)
             .bind(&owned)
             .bind(self.config.batch_size as i64)
-            .bind(now_ms())
             .fetch_all(&mut *tx)
             .await?;
         if rows.is_empty() {
@@ -296,7 +297,11 @@ impl Relay {
         let mut batch = Batch::from_rows(rows.iter().map(decode).collect());
         // RETURNING follows no order; publish in seq order.
         batch.sort();
-        Ok(Some(Claim { tx, batch }))
+        Ok(Some(Claim {
+            tx,
+            batch,
+            db: self.db.clone(),
+        }))
     }
 
     /// Run until `shutdown` changes to `true`: drain the outbox, then sleep until the next commit
@@ -417,51 +422,45 @@ where
     (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
 }
 
-/// Rows claimed by a PostgreSQL relay: marked published in `tx`, which is still open.
+/// Rows claimed by a PostgreSQL relay: deleted in `tx`, which is still open.
 struct Claim {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     batch: Batch,
+    db: Db,
 }
 
 impl Claim {
-    /// After the broker answered: put the refused rows back (unpublished, with the reason),
-    /// then commit, so exactly the confirmed rows stay published.
-    async fn settle(mut self, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
-        if !failed.is_empty() {
-            let (seqs, errors): (Vec<i64>, Vec<String>) = failed.into_iter().unzip();
-            sqlx::query(
-                "UPDATE seaport_outbox o SET published_at = NULL, last_error = f.error
-                 FROM UNNEST($1::bigint[], $2::text[]) AS f(seq, error) WHERE o.seq = f.seq",
-            )
-            .bind(seqs)
-            .bind(errors)
-            .execute(&mut *self.tx)
-            .await?;
+    /// After the broker answered: commit if it confirmed everything. Otherwise roll the claim
+    /// back and delete exactly the confirmed rows, recording the reason on the refused ones
+    /// (the claim's own transaction cannot give a deleted row back). Until then nobody else
+    /// publishes these rows: this relay owns their partitions and claims nothing more before
+    /// its drain ends, which waits for this.
+    async fn settle(self, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
+        if failed.is_empty() {
+            return self.tx.commit().await;
         }
-        self.tx.commit().await
+        self.tx.rollback().await?;
+        delete_published(&self.db, confirmed, failed).await
     }
 }
 
-/// Mark `confirmed` rows published and count an attempt (with the reason) on `failed` ones.
-async fn mark(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
-    let now = now_ms();
+/// Delete the `confirmed` rows and count an attempt (with the reason) on the `failed` ones.
+async fn delete_published(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
     let mut tx = db.begin_write().await?;
     match &mut tx {
         crate::store::Tx::Postgres(t) => {
-            // Losing this mark in a crash only republishes (see `Relay::drain`): no fsync wait.
+            // Losing these deletes in a crash only republishes (see `Relay::drain`): no fsync wait.
             sqlx::query("SET LOCAL synchronous_commit TO off")
                 .execute(&mut **t)
                 .await?;
-            sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = ANY($2)")
-                .bind(now)
+            sqlx::query("DELETE FROM seaport_outbox WHERE seq = ANY($1)")
                 .bind(&confirmed)
                 .execute(&mut **t)
                 .await?;
         }
         crate::store::Tx::Sqlite(t) => {
             for seq in &confirmed {
-                sqlx::query("UPDATE seaport_outbox SET published_at = $1, attempts = attempts + 1 WHERE seq = $2")
-                    .bind(now)
+                sqlx::query("DELETE FROM seaport_outbox WHERE seq = $1")
                     .bind(seq)
                     .execute(&mut **t)
                     .await?;
