@@ -522,9 +522,24 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let tag = tag[tag.len() - 10..].to_owned();
     let scratch = ScratchDatabase::create(&config.database_admin_url, "seaport_bench", &tag).await?;
-    let result = measure(&config, &scratch.url, &tag).await;
+    // Ctrl-C drops the measurement and still tears down the database and the streams.
+    let result = tokio::select! {
+        r = measure(&config, &scratch.url, &tag) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if let Ok(client) = async_nats::connect(&config.nats_url).await {
+        let js = jetstream::new(client);
+        for s in streams(&tag) {
+            let _ = js.delete_stream(&s).await;
+        }
+    }
     scratch.drop().await;
     result
+}
+
+/// The benchmark's private streams: raw publish, relay, latency.
+fn streams(tag: &str) -> [String; 3] {
+    [format!("RAW{tag}"), format!("BENCH{tag}"), format!("LAT{tag}")]
 }
 
 async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Result<BenchReport> {
@@ -532,7 +547,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
     let db: Db = store.clone().into();
     let broker = Arc::new(JetStreamBroker::connect(&config.nats_url).await?);
     let js = broker.context().clone();
-    let (raw_stream, relay_stream, lat_stream) = (format!("RAW{tag}"), format!("BENCH{tag}"), format!("LAT{tag}"));
+    let [raw_stream, relay_stream, lat_stream] = streams(tag);
     let (raw_root, relay_root, lat_root) = (format!("raw{tag}"), format!("bench{tag}"), format!("lat{tag}"));
     for (s, r) in [
         (&raw_stream, &raw_root),
@@ -780,9 +795,6 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         })
     }
     .await;
-    for s in [&raw_stream, &relay_stream, &lat_stream] {
-        let _ = js.delete_stream(s).await;
-    }
     store.close().await;
     outcome
 }

@@ -183,9 +183,12 @@ async fn on_postgres(config: &BenchHttpConfig, bar: Option<&ProgressBar>) -> any
         let result = measure(config, "postgres", &store, bar).await;
         store.close().await;
         result
-    }
-    .await;
-    // Dropped whatever happened above.
+    };
+    let result = tokio::select! {
+        r = result => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Dropped whatever happened above, Ctrl-C included.
     database.drop().await;
     result
 }
