@@ -48,8 +48,8 @@ pub const LOCK_NAMESPACE: i32 = 0x5EA9;
 pub const RELAY_APPLICATION: &str = "seaport-relay";
 
 /// How a claim's transaction begins, in one round trip. Asynchronous commit: losing a claim's
-/// deletes in a database crash only republishes (see [`Relay::drain`]). No sorts, bitmap or sequential
-/// scans: before the outbox is first analysed (a new database, or a burst of inserts since),
+/// deletes in a database crash only republishes (see [`Relay::drain`]). No sorts, bitmap or
+/// sequential scans: before the outbox is first analysed (a new database, or a burst of inserts since),
 /// PostgreSQL estimates a handful of rows and plans to sort all of them to find the oldest batch,
 /// or to scan the whole table for the delete. Each claim would then cost more as the backlog
 /// grows. Without those, the only plan left walks the primary key in seq order, stops at the
@@ -170,9 +170,10 @@ impl Relay {
     ///
     /// On PostgreSQL this is a pipeline of claims. A claim is one statement that deletes the
     /// oldest rows of the owned partitions, `RETURNING` them, in a transaction that stays open
-    /// while they are published: nothing is committed before the broker confirmed it. While batch *n* is being published, batch *n+1* is claimed (its
-    /// `FOR UPDATE SKIP LOCKED` passes over the rows of batch *n*, locked by its open
-    /// transaction: no cursor, so a late commit is never skipped) and batch *n-1* commits.
+    /// while they are published: nothing is committed before the broker confirmed it. While
+    /// batch *n* is being published, batch *n+1* is claimed (its `FOR UPDATE SKIP LOCKED` passes
+    /// over the rows of batch *n*, locked by its open transaction: no cursor, so a late commit is
+    /// never skipped) and batch *n-1* commits.
     /// Batches are still *published* one after the other, in order, and the next one only after
     /// the broker confirmed the previous: a refused message stops the drain before anything
     /// behind it goes out: its claim is rolled back, and only the confirmed rows are deleted
