@@ -72,23 +72,12 @@ impl Deployment {
         }
     }
 
-    /// How many copies of the message with this id the broker holds.
-    /// The case id (the event's subject) and event id of the one `cases.created` event: from the
-    /// outbox while it is unpublished, else from the broker (the relay deleted its row).
-    async fn case_created_event(&self, db: &Db) -> (String, String) {
-        let unpublished: Option<(String, String)> = on_pool!(db, p => sqlx::query_as(
-            "SELECT ordering_key, event_id FROM seaport_outbox WHERE topic LIKE '%.cases.created'",
-        )
-        .fetch_optional(p)
-        .await
-        .unwrap());
-        if let Some(found) = unpublished {
-            return found;
-        }
+    /// The `cases.created` messages the broker holds: message id and payload of each copy.
+    async fn case_messages(&self, db: &Db) -> Vec<(String, Vec<u8>)> {
         let subject = format!("{}.cases.created", self.root);
-        let payloads: Vec<Vec<u8>> = match self.kind {
+        match self.kind {
             Kind::Embedded => {
-                on_pool!(db, p => sqlx::query_scalar("SELECT payload FROM seaport_broker_messages WHERE subject = $1")
+                on_pool!(db, p => sqlx::query_as("SELECT msg_id, payload FROM seaport_broker_messages WHERE subject = $1")
                 .bind(&subject)
                 .fetch_all(p)
                 .await
@@ -103,52 +92,45 @@ impl Deployment {
                     if let Ok(m) = stream.get_raw_message(seq).await
                         && m.subject.as_str() == subject
                     {
-                        out.push(m.payload.to_vec());
+                        let id = m
+                            .headers
+                            .get(seaport::broker::MSG_ID_HEADER)
+                            .map(|v| v.as_str().to_owned());
+                        out.push((id.unwrap_or_default(), m.payload.to_vec()));
                     }
                 }
                 out
             }
-        };
-        let event = seaport::Event::from_json(
-            payloads
-                .first()
-                .expect("the committed case's event is in the outbox or the broker"),
+        }
+    }
+
+    /// The case id (the event's subject) and event id of the one `cases.created` event: from the
+    /// outbox while it is unpublished, else from the broker (the relay deleted its row).
+    async fn case_created_event(&self, db: &Db) -> (String, String) {
+        let unpublished: Option<(String, String)> = on_pool!(db, p => sqlx::query_as(
+            "SELECT ordering_key, event_id FROM seaport_outbox WHERE topic LIKE '%.cases.created'",
         )
-        .unwrap();
+        .fetch_optional(p)
+        .await
+        .unwrap());
+        if let Some(found) = unpublished {
+            return found;
+        }
+        let messages = self.case_messages(db).await;
+        let (_, payload) = messages
+            .first()
+            .expect("the committed case's event is in the outbox or the broker");
+        let event = seaport::Event::from_json(payload).unwrap();
         (event.subject.expect("case events name their case"), event.id)
     }
 
+    /// How many copies of the message with this id the broker holds.
     async fn broker_copies(&self, db: &Db, msg_id: &str) -> i64 {
-        match self.kind {
-            Kind::Embedded => {
-                on_pool!(db, p => sqlx::query_scalar("SELECT COUNT(*) FROM seaport_broker_messages WHERE msg_id = $1")
-                .bind(msg_id)
-                .fetch_one(p)
-                .await
-                .unwrap())
-            }
-            Kind::PgJetStream => {
-                let client = async_nats::connect(seaport::testing::nats_url()).await.unwrap();
-                let js = async_nats::jetstream::new(client);
-                let mut stream = js.get_stream(&self.stream).await.unwrap();
-                let subject = format!("{}.cases.created", self.root);
-                let total = stream.info().await.unwrap().state.messages;
-                if total == 0 {
-                    return 0;
-                }
-                // Count the stored copies of this id among the case events.
-                let mut n = 0;
-                for seq in 1..=stream.info().await.unwrap().state.last_sequence {
-                    if let Ok(m) = stream.get_raw_message(seq).await
-                        && m.subject.as_str() == subject
-                        && m.headers.get(seaport::broker::MSG_ID_HEADER).map(|v| v.as_str()) == Some(msg_id)
-                    {
-                        n += 1;
-                    }
-                }
-                n
-            }
-        }
+        self.case_messages(db)
+            .await
+            .iter()
+            .filter(|(id, _)| id == msg_id)
+            .count() as i64
     }
 
     async fn cleanup(self) {
