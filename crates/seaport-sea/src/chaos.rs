@@ -3,7 +3,8 @@
 //! server) meanwhile, restarts them, and then checks the history:
 //!
 //! - every request acknowledged to the client has exactly one case, and no key made two;
-//! - every case has exactly one `sea.cases.created` event in the broker's stream (by id);
+//! - every case has exactly one `sea.cases.created` event, and exactly one `sea.notifications.queued`
+//!   event (emitted by a consumer), in the broker's stream (by id);
 //! - every fan-out consumer recorded each event's effect exactly once;
 //! - nothing is left unpublished in the outbox; the dead letters are empty.
 //!
@@ -426,8 +427,12 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Summary> {
         "SELECT COUNT(*) FROM (SELECT title FROM cases GROUP BY title HAVING COUNT(*) > 1) d").fetch_one(p).await)?;
     let history = stream_history().await?;
     let published = &history.case_events;
-    summary.duplicate_events = published.values().filter(|n| **n > 1).count();
-    summary.missing_events = cases.iter().filter(|(id, _)| !published.contains_key(id)).count();
+    let notified = &history.notification_events;
+    summary.duplicate_events = published.values().chain(notified.values()).filter(|n| **n > 1).count();
+    summary.missing_events = cases
+        .iter()
+        .map(|(id, _)| usize::from(!published.contains_key(id)) + usize::from(!notified.contains_key(id)))
+        .sum();
     summary.duplicated_effects = on_pool!(&db, p => sqlx::query_scalar::<_, i64>(
         "SELECT COUNT(*) FROM (SELECT consumer, event_id FROM consumer_effects GROUP BY consumer, event_id HAVING COUNT(*) > 1) d")
         .fetch_one(p).await)?;
@@ -554,6 +559,9 @@ struct StreamHistory {
     event_ids: HashSet<String>,
     /// Case id → how many `sea.cases.created` events for it.
     case_events: BTreeMap<String, usize>,
+    /// Case id → how many `sea.notifications.queued` events for it (the notifications consumer
+    /// emits one per new case): an event lost between the outbox and the broker shows here too.
+    notification_events: BTreeMap<String, usize>,
 }
 
 impl StreamHistory {
@@ -566,6 +574,11 @@ impl StreamHistory {
         {
             *self.case_events.entry(id.to_owned()).or_default() += 1;
         }
+        if e.ty == crate::consumers::notifications::NOTIFICATION_QUEUED
+            && let Some(id) = e.data.as_ref().and_then(|d| d["case_id"].as_str())
+        {
+            *self.notification_events.entry(id.to_owned()).or_default() += 1;
+        }
         self.event_ids.insert(e.id);
     }
 }
@@ -577,7 +590,10 @@ async fn stream_history_jetstream(nats_url: &str, stream: &str) -> anyhow::Resul
     let last = s.info().await?.state.last_sequence;
     let mut out = StreamHistory::default();
     for seq in 1..=last {
-        let Ok(m) = s.get_raw_message(seq).await else { continue };
+        let m = s
+            .get_raw_message(seq)
+            .await
+            .with_context(|| format!("cannot read message {seq} of stream {stream}"))?;
         out.add(&m.payload);
     }
     Ok(out)

@@ -56,6 +56,10 @@ enum Command {
         /// Inbox records are deleted after this many hours (must exceed any redelivery horizon).
         #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
         inbox_retention_hours: u64,
+        /// Accepted and ignored, so that older command lines still start: the relay deletes each
+        /// outbox row once the broker confirmed it, so there are no published rows to keep.
+        #[arg(long, hide = true)]
+        outbox_retention_hours: Option<u64>,
         /// How long a consumer may hold a message unacknowledged before it is delivered again
         /// (e.g. after the process died mid-handler).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -285,7 +289,7 @@ enum DlqCommand {
 
 #[derive(Subcommand)]
 enum OutboxCommand {
-    /// Backlog, published count and the age of the oldest unpublished event.
+    /// Backlog (unpublished and failing rows) and the age of the oldest unpublished event.
     Status {
         #[arg(long)]
         json: bool,
@@ -303,6 +307,9 @@ enum RetentionCommand {
         /// must exceed the redelivery horizon, or a late duplicate would run its handler again.
         #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
         inbox_retention_hours: u64,
+        /// Accepted and ignored (see `serve`).
+        #[arg(long, hide = true)]
+        outbox_retention_hours: Option<u64>,
         /// Rows of each kind deleted per transaction.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         batch: u64,
@@ -365,7 +372,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stream,
             subject_root,
             inbox_retention_hours,
+            outbox_retention_hours,
         } => {
+            warn_outbox_retention(outbox_retention_hours);
             anyhow::ensure!(
                 seaport::broker::valid_durable(&stream),
                 "--stream {stream:?} is not a valid stream name"
@@ -462,10 +471,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command:
                 RetentionCommand::Sweep {
                     inbox_retention_hours,
+                    outbox_retention_hours,
                     batch,
                     json,
                 },
         } => {
+            warn_outbox_retention(outbox_retention_hours);
             let store = open_existing(&cli.data_dir, cli.database_url).await?;
             let config = seaport::retention::RetentionConfig {
                 inbox: Duration::from_secs(inbox_retention_hours * 3600),
@@ -794,6 +805,15 @@ async fn open_existing(data_dir: &std::path::Path, database_url: Option<String>)
     }
     config.database_url = database_url;
     app::open_store(&config).await
+}
+
+/// `--outbox-retention-hours` was given: say that it no longer does anything.
+fn warn_outbox_retention(given: Option<u64>) {
+    if given.is_some() {
+        eprintln!(
+            "seaport: warning: --outbox-retention-hours is ignored: the relay deletes each outbox row once the broker confirmed it"
+        );
+    }
 }
 
 async fn shutdown_signal() {

@@ -414,6 +414,10 @@ async fn retention_sweep_deletes_only_what_is_old(kind: Kind) {
         "deleted 0 inbox records and 0 expired idempotency keys in 1 round"
     );
     assert!(err.trim().is_empty(), "no round lines when nothing was deleted: {err}");
+    // The outbox retention of earlier versions is still accepted, and said to do nothing.
+    let (code, _, err) = run_on(&["retention", "sweep", "--outbox-retention-hours", "24"], &t);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--outbox-retention-hours is ignored"), "{err}");
     s.stop().await;
 }
 

@@ -332,7 +332,7 @@ async fn crash_between_commit_and_publish(kind: Kind) {
     survive("relay.before_publish", kind).await;
 }
 
-async fn crash_after_publish_before_marking_published(kind: Kind) {
+async fn crash_after_publish_before_deleting_the_row(kind: Kind) {
     survive("relay.after_publish", kind).await;
 }
 
@@ -349,6 +349,6 @@ async fn crash_mid_handler_before_the_consumer_commits(kind: Kind) {
 on_both_backends!(
     crash_mid_handler_before_the_consumer_commits,
     crash_between_commit_and_publish,
-    crash_after_publish_before_marking_published,
+    crash_after_publish_before_deleting_the_row,
     crash_after_consumer_commit_before_ack,
 );

@@ -84,7 +84,7 @@ async fn one_trace_id_from_the_http_request_to_every_consumer_span() {
             "{kind:?}: the request span"
         );
 
-        // The event as published: extension and header.
+        // The event as published carries the trace context in its extension.
         let event: Value = s.published("sea.cases.created").await.remove(0);
         assert_eq!(event["subject"], case["id"]);
         let tp = event["traceparent"].as_str().unwrap().to_owned();

@@ -357,7 +357,7 @@ async fn relay_wakes_on_commit_without_waiting_for_the_poll(kind: Kind) {
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(relay.run(stopped));
     tokio::time::sleep(Duration::from_millis(1500)).await; // idle, partitions taken, waiting
-    let events = write_events(&f, 3).await;
+    write_events(&f, 3).await; // committed: only the relay can empty the outbox now
     wait_for("the relay to publish without a poll", async || {
         count(&f, "SELECT COUNT(*) FROM seaport_outbox").await == 0
     })

@@ -215,10 +215,22 @@ impl Relay {
             let stop = !failed.is_empty();
             // At most two commits pending: a slow database slows the relay instead of growing
             // the number of open transactions.
+            let mut failed_settle = None;
             while settling.len() >= 2 {
-                if let Some(s) = settling.pop_front() {
-                    join_task(s).await?;
+                if let Some(s) = settling.pop_front()
+                    && let Err(e) = join_task(s).await
+                {
+                    failed_settle = Some(e);
+                    break;
                 }
+            }
+            if let Some(e) = failed_settle {
+                // Both claims in hand are given back (rolled back): republished later, never lost.
+                let _ = claim.tx.rollback().await;
+                if let Ok(Some(unused)) = claimed {
+                    let _ = unused.tx.rollback().await;
+                }
+                break Err(e);
             }
             settling.push_back(tokio::spawn(claim.settle(confirmed, failed)));
             // A drain under steady load never runs dry: hand back to `run` when partitions are
@@ -236,10 +248,19 @@ impl Relay {
             }
             next = claimed;
         };
+        // Every settle ends before the drain returns, even after an error: a settle that rolls
+        // its claim back and then deletes the confirmed rows must not race the next drain (or
+        // another relay after a rebalance) into publishing those rows again.
+        let mut first_error = outcome.err();
         for s in settling {
-            join_task(s).await?;
+            if let Err(e) = join_task(s).await {
+                first_error.get_or_insert(e);
+            }
         }
-        outcome.map(|()| total)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
     }
 
     /// Publish a batch (all messages in flight at once); split the seqs into confirmed and
