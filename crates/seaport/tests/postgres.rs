@@ -8,7 +8,7 @@ use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::outbox::{Outbox, PARTITIONS};
 use seaport::store::Db;
 use seaport::testing::{Fixture, Kind};
-use seaport::{Event, on_pool};
+use seaport::Event;
 
 /// The ids of the events in the broker's stream, in the order they were published (a new
 /// consumer reads the stream from the start).
