@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 use seaport_sea::app::{self, Config, Role};
 use seaport_sea::progress;
 
+/// mimalloc instead of glibc malloc: the relay, the consumers and the HTTP layers allocate per
+/// message and per request from many threads, where glibc's arenas cost a third of the relay
+/// process's CPU (profile in BENCHMARKS.md). A choice of this binary, not of the library.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "seaport",

@@ -104,7 +104,7 @@ async fn scenario(s: &TestService) {
         id: "not-an-event".into(),
         subject: s.topic("sea.webhooks.received"),
         headers: BTreeMap::new(),
-        payload: b"{ this is not a CloudEvent".to_vec(),
+        payload: b"{ this is not a CloudEvent".to_vec().into(),
     };
     broker_of(s).await.publish(&[poison]).await.remove(0).unwrap();
 

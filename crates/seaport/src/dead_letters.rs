@@ -193,7 +193,7 @@ pub async fn replay(db: &Db, broker: &dyn Broker, id: i64) -> Result<(), ReplayE
         id: replay_id,
         subject: dl.subject.clone(),
         headers,
-        payload,
+        payload: payload.into(),
     };
     broker.publish(std::slice::from_ref(&message)).await.remove(0)?;
     let mut tx = db.begin_write().await?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use seaport::Event;
-use seaport::broker::{Broker, BrokerError, ConsumerConfig, OutgoingMessage, PublishAck, Subscription};
+use seaport::broker::{Broker, BrokerError, ConsumerConfig, OutgoingMessage, PendingPublish, PublishAck, Subscription};
 use seaport::consumer::{BatchContext, ConsumerRunner, Handler, HandlerContext, HandlerError, Outcome, RunnerConfig};
 use seaport::dead_letters::DeadLetterQueue;
 use seaport::outbox::relay::{Relay, RelayConfig};
@@ -179,6 +179,7 @@ conformance!(
     outbox_row_and_domain_row_commit_or_roll_back_together,
     outbox_refuses_invalid_events,
     relay_publishes_in_order_and_never_deletes_unconfirmed_rows,
+    relay_drain_pipelines_across_batches_and_stops_at_a_refusal,
     relay_wakes_on_commit_without_waiting_for_the_poll,
     broker_dedupes_publishes_by_message_id,
     fan_out_every_durable_gets_every_message,
@@ -254,6 +255,13 @@ struct Refusing {
     refuse: Mutex<HashMap<String, usize>>,
 }
 
+impl Refusing {
+    fn refuses(&self, m: &OutgoingMessage) -> bool {
+        let mut refuse = self.refuse.lock().unwrap();
+        refuse.get_mut(&m.id).filter(|n| **n > 0).map(|n| *n -= 1).is_some()
+    }
+}
+
 #[async_trait]
 impl Broker for Refusing {
     async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), BrokerError> {
@@ -262,15 +270,25 @@ impl Broker for Refusing {
     async fn publish(&self, messages: &[OutgoingMessage]) -> Vec<Result<PublishAck, BrokerError>> {
         let mut out = Vec::new();
         for m in messages {
-            let refused = {
-                let mut refuse = self.refuse.lock().unwrap();
-                refuse.get_mut(&m.id).filter(|n| **n > 0).map(|n| *n -= 1).is_some()
-            };
-            if refused {
+            if self.refuses(m) {
                 out.push(Err(BrokerError::Unavailable("injected".into())));
                 continue;
             }
             out.extend(self.inner.publish(std::slice::from_ref(m)).await);
+        }
+        out
+    }
+    /// Pipelined like the broker it wraps (JetStream keeps the later messages in flight).
+    async fn send(&self, messages: &[OutgoingMessage]) -> Vec<PendingPublish> {
+        let mut out: Vec<PendingPublish> = Vec::new();
+        for m in messages {
+            if self.refuses(m) {
+                out.push(Box::pin(std::future::ready(Err(BrokerError::Unavailable(
+                    "injected".into(),
+                )))));
+                continue;
+            }
+            out.extend(self.inner.send(std::slice::from_ref(m)).await);
         }
         out
     }
@@ -342,6 +360,84 @@ async fn relay_publishes_in_order_and_never_deletes_unconfirmed_rows(kind: Kind)
     f.cleanup().await;
 }
 
+/// Reads every message of the fixture's stream (a fresh durable), in stream order.
+async fn stream_ids(f: &Fixture, durable: &str, n: usize) -> Vec<String> {
+    let mut sub = f
+        .broker
+        .subscribe(&f.stream, ConsumerConfig::new(durable, format!("{}.>", f.root)))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let got = sub.fetch(100, Duration::from_secs(2)).await.unwrap();
+        assert!(!got.is_empty(), "missing messages: got {}", ids.len());
+        for d in got {
+            ids.push(d.message.id.clone());
+            d.ack().await.unwrap();
+        }
+    }
+    ids
+}
+
+/// A drain keeps messages in flight across claims (PostgreSQL + JetStream) and stops at a
+/// refusal: what was confirmed is deleted, the refused row and everything not sent stay, at most
+/// one batch went out after the refused message, and a later drain publishes the rest in order.
+async fn relay_drain_pipelines_across_batches_and_stops_at_a_refusal(kind: Kind) {
+    let f = setup(kind).await;
+    let events = write_events(&f, 60).await;
+    let batch = 8;
+    // The last row of the fourth claim: its refusal is answered while the next claim is being
+    // sent, which must then stop half-way and give its unsent rows back.
+    let at = 4 * batch - 1;
+    let refused = events[at].id.clone();
+    let broker = Arc::new(Refusing {
+        inner: f.broker.clone(),
+        refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])),
+    });
+    let mut relay = Relay::new(
+        f.db.clone(),
+        broker.clone(),
+        RelayConfig {
+            batch_size: batch,
+            ..Default::default()
+        },
+    );
+
+    let pass = relay.drain().await.unwrap();
+    assert_eq!(pass.failed, 1, "{pass:?}");
+    assert!(
+        (at..at + batch).contains(&pass.published),
+        "everything before the refused event, and at most a batch after it: {pass:?}"
+    );
+    let (left, err): (Vec<String>, Option<String>) = seaport::on_pool!(&f.db, p => (
+        sqlx::query_scalar("SELECT event_id FROM seaport_outbox ORDER BY seq").fetch_all(p).await.unwrap(),
+        sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1").bind(&refused).fetch_one(p).await.unwrap(),
+    ));
+    assert_eq!(
+        left.len(),
+        60 - pass.published,
+        "exactly the confirmed rows are deleted"
+    );
+    assert_eq!(left[0], refused, "the refused row stays, with everything not confirmed");
+    assert!(err.unwrap().contains("injected"));
+    let all: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let kept = all.iter().position(|id| *id == left[1]).unwrap();
+    assert_eq!(&left[1..], &all[kept..], "what stays is the tail after the refused row");
+
+    while relay.drain().await.unwrap().published > 0 {}
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 0);
+    let ids = stream_ids(&f, "pipeline_check", 60).await;
+    let mut expected = all.clone();
+    expected.retain(|id| *id != refused);
+    let mut without = ids.clone();
+    without.remove(ids.iter().position(|id| *id == refused).expect("published on retry"));
+    assert_eq!(
+        without, expected,
+        "every event once, in commit order but the retried one"
+    );
+    f.cleanup().await;
+}
+
 async fn relay_wakes_on_commit_without_waiting_for_the_poll(kind: Kind) {
     let f = setup(kind).await;
     let relay = Relay::new(
@@ -373,7 +469,7 @@ async fn broker_dedupes_publishes_by_message_id(kind: Kind) {
         id: "m1".into(),
         subject: f.subject("a"),
         headers: BTreeMap::new(),
-        payload: b"x".to_vec(),
+        payload: b"x".to_vec().into(),
     };
     let first = f.broker.publish(std::slice::from_ref(&m)).await.remove(0).unwrap();
     let second = f.broker.publish(std::slice::from_ref(&m)).await.remove(0).unwrap();
@@ -531,7 +627,7 @@ async fn duplicate_message_runs_the_handler_once(kind: Kind) {
             id: msg_id.into(),
             subject: e.ty.clone(),
             headers: BTreeMap::new(),
-            payload: e.to_json(),
+            payload: e.to_json().into(),
         };
         f.broker.publish(&[m]).await.remove(0).unwrap();
     }

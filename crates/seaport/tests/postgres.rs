@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
+use seaport::Event;
 use seaport::broker::ConsumerConfig;
 use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::outbox::{Outbox, PARTITIONS};
 use seaport::store::Db;
 use seaport::testing::{Fixture, Kind};
-use seaport::Event;
 
 /// The ids of the events in the broker's stream, in the order they were published (a new
 /// consumer reads the stream from the start).

@@ -82,7 +82,7 @@ impl EmbeddedBroker {
             .bind(&m.id)
             .bind(&m.subject)
             .bind(headers)
-            .bind(&m.payload)
+            .bind(m.payload.as_ref())
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;

@@ -16,7 +16,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::{
     Acker, Broker, BrokerError, ConsumerConfig, ConsumerState, Delivery, MSG_ID_HEADER, Message, OutgoingMessage,
-    PublishAck, Subscription, valid_durable, valid_filter, valid_subject,
+    PendingPublish, PublishAck, Subscription, valid_durable, valid_filter, valid_subject,
 };
 
 /// Window within which JetStream drops a message whose `Nats-Msg-Id` it has already stored.
@@ -30,6 +30,10 @@ pub struct JetStreamBroker {
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
+}
+
+fn refused(e: BrokerError) -> PendingPublish {
+    Box::pin(std::future::ready(Err(e)))
 }
 
 impl JetStreamBroker {
@@ -91,41 +95,46 @@ impl Broker for JetStreamBroker {
         Ok(())
     }
 
-    /// Pipelined: every message is sent before the first ack is awaited.
+    /// Pipelined: every message is sent before the first confirmation is awaited.
     async fn publish(&self, messages: &[OutgoingMessage]) -> Vec<Result<PublishAck, BrokerError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for pending in self.send(messages).await {
+            results.push(pending.await);
+        }
+        results
+    }
+
+    /// Each message goes to the connection as soon as it is built; its confirmation is the
+    /// server's publish ack, awaited later.
+    async fn send(&self, messages: &[OutgoingMessage]) -> Vec<PendingPublish> {
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
             if !valid_subject(&m.subject) {
-                pending.push(Err(BrokerError::InvalidSubject(m.subject.clone())));
+                pending.push(refused(BrokerError::InvalidSubject(m.subject.clone())));
                 continue;
             }
             let mut headers = async_nats::HeaderMap::new();
             for (k, v) in &m.headers {
-                headers.insert(k.as_str(), v.as_str());
+                if k != MSG_ID_HEADER {
+                    headers.insert(k.as_str(), v.as_str());
+                }
             }
             headers.insert(MSG_ID_HEADER, m.id.as_str());
             let publish = jetstream::message::PublishMessage::build()
-                .payload(Bytes::from(m.payload.clone()))
+                .payload(m.payload.clone())
                 .headers(headers);
-            pending.push(
-                self.js
-                    .send_publish(m.subject.clone(), publish)
-                    .await
-                    .map_err(unavailable),
-            );
-        }
-        let mut results = Vec::with_capacity(pending.len());
-        for p in pending {
-            results.push(match p {
-                Ok(ack) => ack.await.map_err(unavailable).map(|a| PublishAck {
-                    stream: a.stream,
-                    seq: a.sequence,
-                    duplicate: a.duplicate,
+            pending.push(match self.js.send_publish(m.subject.clone(), publish).await {
+                Ok(ack) => Box::pin(async move {
+                    ack.await.map_err(unavailable).map(|a| PublishAck {
+                        stream: a.stream,
+                        seq: a.sequence,
+                        duplicate: a.duplicate,
+                    })
                 }),
-                Err(e) => Err(e),
+                Err(e) => refused(unavailable(e)),
             });
         }
-        results
+        pending
     }
 
     async fn consumer_state(&self, stream: &str, durable: &str) -> Result<Option<ConsumerState>, BrokerError> {

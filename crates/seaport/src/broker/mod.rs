@@ -11,9 +11,12 @@ pub mod embedded;
 pub mod jetstream;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 /// Header carrying the publish dedupe key, named as on NATS JetStream.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -25,8 +28,13 @@ pub struct OutgoingMessage {
     pub id: String,
     pub subject: String,
     pub headers: BTreeMap<String, String>,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, on its way to the broker.
+    pub payload: Bytes,
 }
+
+/// A message handed to the broker whose confirmation is still to come: awaiting it waits for
+/// the broker's answer (see [`Broker::send`]).
+pub type PendingPublish = Pin<Box<dyn Future<Output = Result<PublishAck, BrokerError>> + Send>>;
 
 /// The broker's confirmation that a message is stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,6 +115,19 @@ pub trait Broker: Send + Sync + 'static {
     /// Publish messages in order. One result per message, in the same order; an `Ok` means the
     /// broker has durably stored the message (or already had it).
     async fn publish(&self, messages: &[OutgoingMessage]) -> Vec<Result<PublishAck, BrokerError>>;
+
+    /// Hand messages to the broker, in order, without waiting for their confirmations: one
+    /// pending confirmation per message, in the same order. A caller can keep a window of
+    /// messages in flight across batches (the outbox relay does) instead of waiting for a whole
+    /// batch to be confirmed before sending the next. A broker that cannot pipeline confirms
+    /// them here (the default: [`Broker::publish`], then ready confirmations).
+    async fn send(&self, messages: &[OutgoingMessage]) -> Vec<PendingPublish> {
+        self.publish(messages)
+            .await
+            .into_iter()
+            .map(|r| Box::pin(std::future::ready(r)) as PendingPublish)
+            .collect()
+    }
 
     /// Bind to (creating if needed) a durable consumer on `stream`.
     async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError>;

@@ -36,7 +36,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::watch;
 
 use super::PARTITIONS;
-use crate::broker::{Broker, MSG_ID_HEADER, OutgoingMessage};
+use crate::broker::{Broker, MSG_ID_HEADER, OutgoingMessage, PendingPublish};
 use crate::crash::crash_point;
 use crate::event::CLOUDEVENTS_JSON;
 use crate::on_conn;
@@ -174,9 +174,11 @@ impl Relay {
     /// batch *n* is being published, batch *n+1* is claimed (its `FOR UPDATE SKIP LOCKED` passes
     /// over the rows of batch *n*, locked by its open transaction: no cursor, so a late commit is
     /// never skipped) and batch *n-1* commits.
-    /// Batches are still *published* one after the other, in order, and the next one only after
-    /// the broker confirmed the previous: a refused message stops the drain before anything
-    /// behind it goes out: its claim is rolled back, and only the confirmed rows are deleted
+    /// Messages are sent in claim order, and in seq order within a claim, with up to a batch of
+    /// them in flight at once across claims (see [`Pipeline`]); a claim commits once all of its
+    /// messages are confirmed. A refused message stops the drain: nothing is sent after its
+    /// answer arrives (the messages already in flight, at most a batch, may still be stored),
+    /// claims not wholly confirmed are rolled back, and only their confirmed rows are deleted
     /// (the refused ones keep the reason), in a transaction of their own.
     ///
     /// Claims commit with `synchronous_commit = off`: a delete lost in a database crash only
@@ -200,67 +202,35 @@ impl Relay {
         if let Some(locks) = &mut self.partitions {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
-        let mut total = RelayPass::default();
-        let mut settling: VecDeque<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = VecDeque::new();
+        let broker = self.broker.clone();
+        let mut pipeline = Pipeline::new(self.config.batch_size.max(1));
         let mut next = self.claim().await;
-        let outcome = loop {
+        loop {
             let claim = match next {
                 Ok(Some(c)) => c,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            };
-            let ((confirmed, failed), claimed) = tokio::join!(self.publish(&claim.batch), self.claim());
-            total.published += confirmed.len();
-            total.failed += failed.len();
-            let stop = !failed.is_empty();
-            // At most two commits pending: a slow database slows the relay instead of growing
-            // the number of open transactions.
-            let mut failed_settle = None;
-            while settling.len() >= 2 {
-                if let Some(s) = settling.pop_front()
-                    && let Err(e) = join_task(s).await
-                {
-                    failed_settle = Some(e);
+                Ok(None) => break,
+                Err(e) => {
+                    pipeline.error.get_or_insert(e);
                     break;
                 }
-            }
-            if let Some(e) = failed_settle {
-                // Both claims in hand are given back (rolled back): republished later, never lost.
-                let _ = claim.tx.rollback().await;
-                if let Ok(Some(unused)) = claimed {
-                    let _ = unused.tx.rollback().await;
-                }
-                break Err(e);
-            }
-            settling.push_back(tokio::spawn(claim.settle(confirmed, failed)));
+            };
+            let ((), claimed) = tokio::join!(pipeline.send(&*broker, claim), self.claim());
             // A drain under steady load never runs dry: hand back to `run` when partitions are
             // due for a rebalance, so other relays can get their share.
             let rebalance = self
                 .partitions
                 .as_ref()
                 .is_some_and(|l| l.due(self.config.rebalance_interval));
-            if stop || rebalance {
+            if pipeline.stopped() || rebalance {
                 // The claim made meanwhile is given back unpublished (rolled back).
                 if let Ok(Some(unused)) = claimed {
                     let _ = unused.tx.rollback().await;
                 }
-                break Ok(());
+                break;
             }
             next = claimed;
-        };
-        // Every settle ends before the drain returns, even after an error: a settle that rolls
-        // its claim back and then deletes the confirmed rows must not race the next drain (or
-        // another relay after a rebalance) into publishing those rows again.
-        let mut first_error = outcome.err();
-        for s in settling {
-            if let Err(e) = join_task(s).await {
-                first_error.get_or_insert(e);
-            }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
+        pipeline.finish().await
     }
 
     /// Publish a batch (all messages in flight at once); split the seqs into confirmed and
@@ -411,7 +381,7 @@ impl Batch {
                         id,
                         subject: topic,
                         headers,
-                        payload,
+                        payload: payload.into(),
                     },
                 )
             })
@@ -452,17 +422,188 @@ struct Claim {
 }
 
 impl Claim {
-    /// After the broker answered: commit if it confirmed everything. Otherwise roll the claim
-    /// back and delete exactly the confirmed rows, recording the reason on the refused ones
+    /// After the broker answered: commit if it confirmed everything. Otherwise (something was
+    /// refused, or not sent after a refusal) roll the claim back and delete exactly the
+    /// confirmed rows, recording the reason on the refused ones
     /// (the claim's own transaction cannot give a deleted row back). Until then nobody else
     /// publishes these rows: this relay owns their partitions and claims nothing more before
     /// its drain ends, which waits for this.
     async fn settle(self, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
-        if failed.is_empty() {
+        if confirmed.len() == self.batch.seqs.len() {
             return self.tx.commit().await;
         }
         self.tx.rollback().await?;
         delete_published(&self.db, confirmed, failed).await
+    }
+}
+
+/// The PostgreSQL drain's publishing pipeline: up to `window` messages in flight, across
+/// claims, as the raw JetStream loop keeps them. Waiting for a whole batch to be confirmed
+/// before sending the next left the broker idle at every batch boundary.
+///
+/// Messages go out in claim order, and within a claim in seq order. A claim is settled (see
+/// [`Claim::settle`]) once all of its messages that were sent have been answered. A refused
+/// message stops the pipeline: nothing more is sent, the messages already in flight (at most
+/// a window, as within one batch before) are answered and settled, and the drain returns.
+struct Pipeline {
+    window: usize,
+    /// Sent, not yet answered: the claim each belongs to, its seq and its confirmation.
+    in_flight: VecDeque<(u64, i64, PendingPublish)>,
+    /// Claims with messages in flight or being sent, oldest first.
+    claims: VecDeque<InFlightClaim>,
+    next_id: u64,
+    /// Commits of settled claims, at most two pending (a slow database slows the relay
+    /// instead of growing the number of open transactions).
+    settling: VecDeque<tokio::task::JoinHandle<Result<(), sqlx::Error>>>,
+    total: RelayPass,
+    /// The broker refused a message.
+    refused: bool,
+    error: Option<sqlx::Error>,
+}
+
+struct InFlightClaim {
+    id: u64,
+    claim: Claim,
+    /// All of its messages that will be sent have been.
+    sealed: bool,
+    sent: usize,
+    confirmed: Vec<i64>,
+    failed: Vec<(i64, String)>,
+}
+
+impl Pipeline {
+    fn new(window: usize) -> Self {
+        Pipeline {
+            window,
+            in_flight: VecDeque::with_capacity(window),
+            claims: VecDeque::new(),
+            next_id: 0,
+            settling: VecDeque::new(),
+            total: RelayPass::default(),
+            refused: false,
+            error: None,
+        }
+    }
+
+    /// A message was refused or a commit failed: send nothing more.
+    fn stopped(&self) -> bool {
+        self.refused || self.error.is_some()
+    }
+
+    /// Send a claim's messages, each as soon as the window has room.
+    async fn send(&mut self, broker: &dyn Broker, mut claim: Claim) {
+        crash_point("relay.before_publish");
+        let id = self.next_id;
+        self.next_id += 1;
+        let messages = std::mem::take(&mut claim.batch.messages);
+        let seqs = claim.batch.seqs.clone();
+        self.claims.push_back(InFlightClaim {
+            id,
+            claim,
+            sealed: false,
+            sent: 0,
+            confirmed: Vec::with_capacity(seqs.len()),
+            failed: Vec::new(),
+        });
+        let mut next = 0;
+        while next < messages.len() && !self.stopped() {
+            if self.in_flight.len() >= self.window {
+                self.answer_oldest().await;
+                continue;
+            }
+            let end = messages.len().min(next + self.window - self.in_flight.len());
+            let pending = broker.send(&messages[next..end]).await;
+            let sent = pending.len();
+            self.in_flight
+                .extend(seqs[next..end].iter().zip(pending).map(|(seq, p)| (id, *seq, p)));
+            self.claims.back_mut().expect("pushed above").sent += sent;
+            next = end;
+            self.take_ready().await;
+        }
+        self.claims.back_mut().expect("pushed above").sealed = true;
+        self.settle_answered().await;
+    }
+
+    /// Wait for the oldest message's answer, then take the ones already there.
+    async fn answer_oldest(&mut self) {
+        let Some((id, seq, pending)) = self.in_flight.pop_front() else {
+            return;
+        };
+        let result = pending.await;
+        self.record(id, seq, result);
+        self.take_ready().await;
+    }
+
+    /// Take the answers already there, oldest first (a broker that cannot pipeline answers at
+    /// once, so a refusal stops the pipeline before anything else is sent), and settle.
+    async fn take_ready(&mut self) {
+        while let Some((_, _, pending)) = self.in_flight.front_mut() {
+            let Some(result) = futures_util::FutureExt::now_or_never(pending) else {
+                break;
+            };
+            let (id, seq, _) = self.in_flight.pop_front().expect("front exists");
+            self.record(id, seq, result);
+        }
+        self.settle_answered().await;
+    }
+
+    fn record(&mut self, id: u64, seq: i64, result: Result<crate::broker::PublishAck, crate::broker::BrokerError>) {
+        let claim = self
+            .claims
+            .iter_mut()
+            .find(|c| c.id == id)
+            .expect("a message in flight belongs to a claim in flight");
+        match result {
+            Ok(_) => claim.confirmed.push(seq),
+            Err(e) => {
+                claim.failed.push((seq, e.to_string()));
+                self.refused = true;
+            }
+        }
+    }
+
+    /// Settle the oldest claims whose sent messages are all answered, in claim order.
+    async fn settle_answered(&mut self) {
+        while let Some(c) = self.claims.front()
+            && c.sealed
+            && c.confirmed.len() + c.failed.len() == c.sent
+        {
+            let c = self.claims.pop_front().expect("front exists");
+            crash_point("relay.after_publish");
+            crate::telemetry::published(c.confirmed.len(), c.failed.len());
+            self.total.published += c.confirmed.len();
+            self.total.failed += c.failed.len();
+            while self.settling.len() >= 2 {
+                if let Some(s) = self.settling.pop_front()
+                    && let Err(e) = join_task(s).await
+                {
+                    self.error.get_or_insert(e);
+                }
+            }
+            self.settling
+                .push_back(tokio::spawn(c.claim.settle(c.confirmed, c.failed)));
+        }
+    }
+
+    /// Answer and settle everything in flight; every settle ends before this returns, even
+    /// after an error: a settle that rolls its claim back and then deletes the confirmed rows
+    /// must not race the next drain (or another relay after a rebalance) into publishing those
+    /// rows again.
+    async fn finish(mut self) -> Result<RelayPass, sqlx::Error> {
+        while !self.in_flight.is_empty() {
+            self.answer_oldest().await;
+        }
+        self.settle_answered().await;
+        debug_assert!(self.claims.is_empty(), "every claim is sealed before finish");
+        for s in std::mem::take(&mut self.settling) {
+            if let Err(e) = join_task(s).await {
+                self.error.get_or_insert(e);
+            }
+        }
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.total),
+        }
     }
 }
 
