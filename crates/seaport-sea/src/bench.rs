@@ -229,6 +229,26 @@ impl Broker for StampConfirmed {
         results
     }
 
+    /// The relay's path: each confirmation is stamped when it arrives.
+    async fn send(&self, messages: &[seaport::broker::OutgoingMessage]) -> Vec<seaport::broker::PendingPublish> {
+        let pending = self.inner.send(messages).await;
+        messages
+            .iter()
+            .zip(pending)
+            .map(|(m, p)| {
+                let (id, confirmed) = (m.id.clone(), self.confirmed.clone());
+                Box::pin(async move {
+                    let result = p.await;
+                    if result.is_ok() {
+                        let now = Instant::now();
+                        confirmed.lock().expect("not poisoned").entry(id).or_insert(now);
+                    }
+                    result
+                }) as seaport::broker::PendingPublish
+            })
+            .collect()
+    }
+
     async fn subscribe(
         &self,
         stream: &str,
