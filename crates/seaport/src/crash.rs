@@ -2,7 +2,7 @@
 //!
 //! Setting `SEAPORT_CRASH_AT=<name>` makes the process abort (like `kill -9`: no destructors, no
 //! flush) the first time it reaches the named point. Tests use it to stop a real process at the
-//! worst moment, e.g. `relay.after_publish` (broker has the event, outbox row not yet marked).
+//! worst moment, e.g. `relay.after_publish` (broker has the event, outbox row not yet deleted).
 //! Unset, a crash point costs one relaxed atomic load.
 
 use std::sync::OnceLock;
