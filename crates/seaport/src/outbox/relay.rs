@@ -452,14 +452,27 @@ struct Pipeline {
     /// Claims with messages in flight or being sent, oldest first.
     claims: VecDeque<InFlightClaim>,
     next_id: u64,
-    /// Commits of settled claims, at most two pending (a slow database slows the relay
-    /// instead of growing the number of open transactions).
+    /// Commits of wholly confirmed claims, at most two pending (a slow database slows the
+    /// relay instead of growing the number of open transactions).
     settling: VecDeque<tokio::task::JoinHandle<Result<(), sqlx::Error>>>,
+    /// Answered claims not wholly confirmed, settled only in [`Pipeline::finish`]. Their
+    /// settle rolls the claim back, which unlocks their rows, then deletes the confirmed ones:
+    /// run while the drain's next claim is still open, that claim could take those rows and
+    /// the delete would wait for it, while the drain waits for the delete.
+    partial: Vec<InFlightClaim>,
     total: RelayPass,
     /// The broker refused a message.
     refused: bool,
     error: Option<sqlx::Error>,
 }
+
+/// At most this many messages in flight, whatever the batch size.
+const MAX_WINDOW: usize = 4096;
+
+/// At most this many claims with messages in flight: each holds a transaction (a pooled
+/// connection) open until its messages are answered. Small claims under a moderate load
+/// would otherwise open one after the other until the pool ran dry.
+const CLAIMS_IN_FLIGHT: usize = 2;
 
 struct InFlightClaim {
     id: u64,
@@ -473,12 +486,16 @@ struct InFlightClaim {
 
 impl Pipeline {
     fn new(window: usize) -> Self {
+        // Below async-nats' limit of publish acks in flight (5000): over it, sending would wait
+        // for a permit that only answered confirmations give back.
+        let window = window.clamp(1, MAX_WINDOW);
         Pipeline {
             window,
             in_flight: VecDeque::with_capacity(window),
             claims: VecDeque::new(),
             next_id: 0,
             settling: VecDeque::new(),
+            partial: Vec::new(),
             total: RelayPass::default(),
             refused: false,
             error: None,
@@ -492,6 +509,9 @@ impl Pipeline {
 
     /// Send a claim's messages, each as soon as the window has room.
     async fn send(&mut self, broker: &dyn Broker, mut claim: Claim) {
+        while self.claims.len() >= CLAIMS_IN_FLIGHT && !self.in_flight.is_empty() {
+            self.answer_oldest().await;
+        }
         crash_point("relay.before_publish");
         let id = self.next_id;
         self.next_id += 1;
@@ -513,10 +533,11 @@ impl Pipeline {
             }
             let end = messages.len().min(next + self.window - self.in_flight.len());
             let pending = broker.send(&messages[next..end]).await;
-            let sent = pending.len();
+            let before = self.in_flight.len();
             self.in_flight
                 .extend(seqs[next..end].iter().zip(pending).map(|(seq, p)| (id, *seq, p)));
-            self.claims.back_mut().expect("pushed above").sent += sent;
+            // A broker that answers fewer than it was given: the rest count as not sent.
+            self.claims.back_mut().expect("pushed above").sent += self.in_flight.len() - before;
             next = end;
             self.take_ready().await;
         }
@@ -573,6 +594,10 @@ impl Pipeline {
             crate::telemetry::published(c.confirmed.len(), c.failed.len());
             self.total.published += c.confirmed.len();
             self.total.failed += c.failed.len();
+            if c.confirmed.len() != c.claim.batch.seqs.len() {
+                self.partial.push(c);
+                continue;
+            }
             while self.settling.len() >= 2 {
                 if let Some(s) = self.settling.pop_front()
                     && let Err(e) = join_task(s).await
@@ -585,10 +610,10 @@ impl Pipeline {
         }
     }
 
-    /// Answer and settle everything in flight; every settle ends before this returns, even
-    /// after an error: a settle that rolls its claim back and then deletes the confirmed rows
-    /// must not race the next drain (or another relay after a rebalance) into publishing those
-    /// rows again.
+    /// Answer and settle everything in flight, once the drain holds no other claim open;
+    /// every settle ends before this returns, even after an error: a settle that rolls its
+    /// claim back and then deletes the confirmed rows must not race the next drain (or another
+    /// relay after a rebalance) into publishing those rows again.
     async fn finish(mut self) -> Result<RelayPass, sqlx::Error> {
         while !self.in_flight.is_empty() {
             self.answer_oldest().await;
@@ -597,6 +622,11 @@ impl Pipeline {
         debug_assert!(self.claims.is_empty(), "every claim is sealed before finish");
         for s in std::mem::take(&mut self.settling) {
             if let Err(e) = join_task(s).await {
+                self.error.get_or_insert(e);
+            }
+        }
+        for c in std::mem::take(&mut self.partial) {
+            if let Err(e) = c.claim.settle(c.confirmed, c.failed).await {
                 self.error.get_or_insert(e);
             }
         }
