@@ -334,20 +334,7 @@ async fn relay_publishes_in_order_and_never_deletes_unconfirmed_rows(kind: Kind)
     while relay.run_once().await.unwrap().published > 0 {}
     assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 0);
     // What the broker has: every event once, in commit order except the refused one (retried).
-    let mut sub = f
-        .broker
-        .subscribe(&f.stream, ConsumerConfig::new("order_check", format!("{}.>", f.root)))
-        .await
-        .unwrap();
-    let mut ids = Vec::new();
-    while ids.len() < 30 {
-        let got = sub.fetch(100, Duration::from_secs(2)).await.unwrap();
-        assert!(!got.is_empty(), "missing messages: got {}", ids.len());
-        for d in got {
-            ids.push(d.message.id.clone());
-            d.ack().await.unwrap();
-        }
-    }
+    let ids = stream_ids(&f, "order_check", 30).await;
     let mut expected: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     expected.retain(|id| *id != refused);
     let pos = ids
