@@ -326,3 +326,129 @@ async fn hot_statements_keep_index_plans_when_first_planned_on_empty_tables() {
     drop(conn);
     f.cleanup().await;
 }
+
+/// Wraps the broker and holds back every confirmation until the gate opens: a broker that
+/// stores messages but answers slowly.
+struct Gated {
+    inner: std::sync::Arc<dyn seaport::broker::Broker>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl seaport::broker::Broker for Gated {
+    async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), seaport::broker::BrokerError> {
+        self.inner.ensure_stream(name, subjects).await
+    }
+    async fn publish(
+        &self,
+        messages: &[seaport::broker::OutgoingMessage],
+    ) -> Vec<Result<seaport::broker::PublishAck, seaport::broker::BrokerError>> {
+        let mut results = Vec::new();
+        for p in self.send(messages).await {
+            results.push(p.await);
+        }
+        results
+    }
+    async fn send(&self, messages: &[seaport::broker::OutgoingMessage]) -> Vec<seaport::broker::PendingPublish> {
+        let pending = self.inner.send(messages).await;
+        pending
+            .into_iter()
+            .map(|p| {
+                let mut open = self.open.clone();
+                Box::pin(async move {
+                    let _ = open.wait_for(|o| *o).await;
+                    p.await
+                }) as seaport::broker::PendingPublish
+            })
+            .collect()
+    }
+    async fn subscribe(
+        &self,
+        stream: &str,
+        config: ConsumerConfig,
+    ) -> Result<Box<dyn seaport::broker::Subscription>, seaport::broker::BrokerError> {
+        self.inner.subscribe(stream, config).await
+    }
+    async fn consumer_state(
+        &self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<Option<seaport::broker::ConsumerState>, seaport::broker::BrokerError> {
+        self.inner.consumer_state(stream, durable).await
+    }
+}
+
+/// While the broker is slow to confirm and events trickle in, a drain keeps claiming small
+/// batches; each claim holds a pooled connection until its messages are answered. The drain
+/// must hold only a few claims open (two in flight, one waiting to be sent, one being made),
+/// not one per batch until the pool runs dry. Everything is published once the broker answers.
+#[tokio::test]
+async fn a_slow_broker_does_not_make_a_drain_hold_claims_open_without_bound() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let mut relay = Relay::new(
+        f.another_db().await,
+        std::sync::Arc::new(Gated {
+            inner: f.broker.clone(),
+            open,
+        }),
+        RelayConfig {
+            batch_size: 64,
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    relay.drain().await.unwrap(); // takes the partitions
+    // Four writers, faster together than the drain's claims, so claims keep finding a few rows.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let db = f.another_db().await;
+        let subject = f.subject("x.trickle");
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..100 {
+                let e = Event::new(subject.clone(), "/t", serde_json::json!({ "w": w, "n": i }))
+                    .with_subject(format!("k{w}"));
+                let mut tx = db.begin_write().await.unwrap();
+                Outbox::new().insert(&mut tx, &e).await.unwrap();
+                tx.commit().await.unwrap();
+                ids.push(e.id);
+            }
+            ids
+        }));
+    }
+    let draining = tokio::spawn(async move {
+        let pass = relay.drain().await;
+        (relay, pass)
+    });
+    let mut most = 0;
+    while writers.iter().any(|w| !w.is_finished()) {
+        let open_claims: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'idle in transaction'
+               AND query LIKE '%FOR UPDATE SKIP LOCKED%'",
+        )
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+        most = most.max(open_claims);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut written = Vec::new();
+    for w in writers {
+        written.extend(w.await.unwrap());
+    }
+    assert!(most <= 4, "the drain held {most} claims open at once");
+    gate.send(true).unwrap();
+    let (mut relay, pass) = draining.await.unwrap();
+    pass.unwrap();
+    while relay.drain().await.unwrap().published > 0 {}
+    let mut got = published(&f).await;
+    got.sort();
+    got.dedup();
+    let mut want = written;
+    want.sort();
+    assert_eq!(got, want, "every event published once the broker answers");
+    f.cleanup().await;
+}
