@@ -256,6 +256,14 @@ struct Refusing {
 }
 
 impl Refusing {
+    /// The fixture's broker, refusing the message `id` once.
+    fn once(f: &Fixture, id: &str) -> Arc<Refusing> {
+        Arc::new(Refusing {
+            inner: f.broker.clone(),
+            refuse: Mutex::new(HashMap::from([(id.to_owned(), 1)])),
+        })
+    }
+
     fn refuses(&self, m: &OutgoingMessage) -> bool {
         let mut refuse = self.refuse.lock().unwrap();
         refuse.get_mut(&m.id).filter(|n| **n > 0).map(|n| *n -= 1).is_some()
@@ -304,14 +312,19 @@ impl Broker for Refusing {
     }
 }
 
+/// The event ids still in the outbox (oldest first) and the last error recorded on `id`.
+async fn outbox_and_error(f: &Fixture, id: &str) -> (Vec<String>, Option<String>) {
+    seaport::on_pool!(&f.db, p => (
+        sqlx::query_scalar("SELECT event_id FROM seaport_outbox ORDER BY seq").fetch_all(p).await.unwrap(),
+        sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1").bind(id).fetch_one(p).await.unwrap(),
+    ))
+}
+
 async fn relay_publishes_in_order_and_never_deletes_unconfirmed_rows(kind: Kind) {
     let f = setup(kind).await;
     let events = write_events(&f, 30).await;
     let refused = events[7].id.clone();
-    let broker = Arc::new(Refusing {
-        inner: f.broker.clone(),
-        refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])),
-    });
+    let broker = Refusing::once(&f, &refused);
     let mut relay = Relay::new(
         f.db.clone(),
         broker.clone(),
@@ -323,10 +336,7 @@ async fn relay_publishes_in_order_and_never_deletes_unconfirmed_rows(kind: Kind)
 
     let pass = relay.run_once().await.unwrap();
     assert_eq!((pass.published, pass.failed), (9, 1));
-    let (unpublished, err): (Vec<String>, Option<String>) = seaport::on_pool!(&f.db, p => (
-        sqlx::query_scalar("SELECT event_id FROM seaport_outbox ORDER BY seq").fetch_all(p).await.unwrap(),
-        sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1").bind(&refused).fetch_one(p).await.unwrap(),
-    ));
+    let (unpublished, err) = outbox_and_error(&f, &refused).await;
     assert_eq!(unpublished.len(), 21);
     assert_eq!(unpublished[0], refused, "the refused row stays unpublished");
     assert!(err.unwrap().contains("injected"));
@@ -377,10 +387,7 @@ async fn relay_drain_pipelines_across_batches_and_stops_at_a_refusal(kind: Kind)
     // sent, which must then stop half-way and give its unsent rows back.
     let at = 4 * batch - 1;
     let refused = events[at].id.clone();
-    let broker = Arc::new(Refusing {
-        inner: f.broker.clone(),
-        refuse: Mutex::new(HashMap::from([(refused.clone(), 1)])),
-    });
+    let broker = Refusing::once(&f, &refused);
     let mut relay = Relay::new(
         f.db.clone(),
         broker.clone(),
@@ -398,10 +405,7 @@ async fn relay_drain_pipelines_across_batches_and_stops_at_a_refusal(kind: Kind)
         (at..at + batch).contains(&pass.published),
         "everything before the refused event, and at most a batch after it: {pass:?}"
     );
-    let (left, err): (Vec<String>, Option<String>) = seaport::on_pool!(&f.db, p => (
-        sqlx::query_scalar("SELECT event_id FROM seaport_outbox ORDER BY seq").fetch_all(p).await.unwrap(),
-        sqlx::query_scalar("SELECT last_error FROM seaport_outbox WHERE event_id = $1").bind(&refused).fetch_one(p).await.unwrap(),
-    ));
+    let (left, err) = outbox_and_error(&f, &refused).await;
     assert_eq!(
         left.len(),
         60 - pass.published,
