@@ -109,6 +109,8 @@ on_both!(
     keys_are_scoped_to_the_caller,
     expired_keys_execute_again,
     abandoned_claim_is_taken_over_after_its_lease,
+    a_duplicate_through_another_instance_never_doubles_the_effect,
+    a_request_dropped_mid_handler_frees_its_key_at_once,
 );
 
 async fn statuses_400_422_and_replay(kind: Kind) {
@@ -259,5 +261,132 @@ async fn abandoned_claim_is_taken_over_after_its_lease(kind: Kind) {
         201,
         "after the lease it is taken over"
     );
+    a.f.cleanup().await;
+}
+
+/// The same database opened a second time, as another process of the service would.
+async fn second_instance(f: &Fixture) -> seaport::store::Db {
+    match f.kind {
+        Kind::PgJetStream => f.another_db().await,
+        Kind::Embedded => {
+            let path = f.dir.as_ref().expect("embedded dir").path().join("seaport.db");
+            seaport::store::Db::open(path.to_str().unwrap()).await.unwrap()
+        }
+    }
+}
+
+/// A handler that writes a row, then waits until `open` says true.
+fn gated_router(db: seaport::store::Db, open: tokio::sync::watch::Receiver<bool>, calls: Arc<AtomicUsize>) -> Router {
+    Router::new().route(
+        "/things",
+        post(move |tx: IdempotentTx, body: String| {
+            let (mut open, calls) = (open.clone(), calls.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                {
+                    let mut tx = tx.get().await?;
+                    on_conn!(&mut *tx, c => sqlx::query("INSERT INTO things (body) VALUES ($1)").bind(&body).execute(c).await.map(|_| ()))?;
+                }
+                let _ = open.wait_for(|o| *o).await;
+                Ok::<_, Problem>((StatusCode::CREATED, body))
+            }
+        })
+        .layer(IdempotencyLayer::new(db)),
+    )
+}
+
+async fn serve(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    base
+}
+
+/// Two instances of a service on one database (two pools; on SQLite two opens of the file, so
+/// no shared in-process state): a duplicate that reaches the other one while the first request
+/// runs gets 409 (PostgreSQL: the key's advisory lock) or, on SQLite, waits for the single
+/// writer and then replays the first response (its own writes rolled back). Never two effects.
+async fn a_duplicate_through_another_instance_never_doubles_the_effect(kind: Kind) {
+    let a = app(kind, Behaviour::default(), |l| l).await;
+    let other = second_instance(&a.f).await;
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let first_base = serve(gated_router(a.f.db.clone(), open.clone(), calls.clone())).await;
+    let second_base = serve(gated_router(other.clone(), open, calls.clone())).await;
+    let send = |base: String| {
+        let http = a.http.clone();
+        tokio::spawn(async move {
+            http.post(format!("{base}/things"))
+                .header("Idempotency-Key", "twice")
+                .body("x")
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let first = send(first_base);
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Past the layer's hold, so a request still waiting to write would have its claim by now.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = send(second_base);
+    match kind {
+        Kind::PgJetStream => {
+            let second = tokio::time::timeout(Duration::from_secs(10), second)
+                .await
+                .expect("the duplicate is answered at once, not after the first request")
+                .unwrap();
+            assert_eq!(second.status(), 409);
+            assert_eq!(second.headers()["retry-after"], "1");
+            open_tx.send(true).unwrap();
+        }
+        Kind::Embedded => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!second.is_finished(), "the duplicate waits for the writer");
+            open_tx.send(true).unwrap();
+            let second = second.await.unwrap();
+            assert_eq!(second.status(), 201);
+            assert_eq!(second.headers()["idempotent-replayed"], "true");
+        }
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    assert_eq!(a.things().await, 1, "one effect");
+    other.close().await;
+    a.f.cleanup().await;
+}
+
+/// A request whose client went away mid-handler (its future dropped, as a server does on a
+/// closed connection) leaves nothing behind: its writes roll back and the key is free again at
+/// once, not after the lease (60 s here), because nothing about the key was written.
+async fn a_request_dropped_mid_handler_frees_its_key_at_once(kind: Kind) {
+    use tower::ServiceExt;
+    let a = app(kind, Behaviour::default(), |l| l).await;
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let router = gated_router(a.f.db.clone(), open, calls.clone());
+    let request = || {
+        http::Request::post("/things")
+            .header("idempotency-key", "dropped")
+            .body(axum::body::Body::from("x"))
+            .unwrap()
+    };
+    let dropped = tokio::time::timeout(Duration::from_millis(300), router.clone().oneshot(request())).await;
+    assert!(dropped.is_err(), "the handler was still waiting");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    open_tx.send(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let retried = loop {
+        let res = router.clone().oneshot(request()).await.unwrap();
+        if res.status() != StatusCode::CONFLICT || std::time::Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(retried.status(), StatusCode::CREATED, "the key is free well before its lease");
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+    assert_eq!(a.things().await, 1, "the dropped request's write was rolled back");
     a.f.cleanup().await;
 }

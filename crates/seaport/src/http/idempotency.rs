@@ -159,12 +159,16 @@ pub enum Claim {
 
 /// Claim `key` for this request, committed at once (before the handler runs), so that a
 /// concurrent request with the same key sees the claim (409) instead of waiting or racing.
+/// The [`IdempotencyLayer`](super::IdempotencyLayer) writes such a claim only for a handler that
+/// calls out before it writes; otherwise it holds the key without writing (see [`open`]).
 ///
 /// A claim not completed within `lease` (the request crashed) may be taken over. Expired keys
 /// (older than their retention) no longer count: a new request reclaims them. Of several requests
 /// racing for a new, expired or abandoned key exactly one gets [`Claim::Claimed`]: the claim is a
 /// single `INSERT … ON CONFLICT DO UPDATE … WHERE <expired or abandoned>`, which the database
 /// applies to the latest version of the row, under its row (PostgreSQL) or write (SQLite) lock.
+/// On PostgreSQL the claim also needs the key's advisory lock for its statement, so it answers
+/// 409 while a request holds the key without a claim row.
 ///
 /// The claim's commit is not flushed on its own (PostgreSQL: `synchronous_commit = off` for its
 /// transaction; SQLite: `synchronous = NORMAL` for its statement). The handler's commit, which
@@ -188,32 +192,8 @@ pub async fn claim(
     retention: Duration,
     lease: Duration,
 ) -> Result<Claim, sqlx::Error> {
-    Ok(claim_keeping(db, scope, key, fingerprint, retention, lease).await?.0)
-}
-
-/// A pooled PostgreSQL connection kept from a claim for the handler's transaction.
-pub(crate) type Spare = sqlx::pool::PoolConnection<sqlx::Postgres>;
-
-/// [`claim`], plus (PostgreSQL, key claimed) the pooled connection the claim ran on, so that the
-/// handler's transaction can begin on it instead of checking out another one (the pool pings a
-/// connection when it is checked out and again when it is returned: two round trips).
-pub(crate) async fn claim_keeping(
-    db: &Db,
-    scope: &str,
-    key: &IdempotencyKey,
-    fingerprint: &str,
-    retention: Duration,
-    lease: Duration,
-) -> Result<(Claim, Option<Spare>), sqlx::Error> {
-    let token = uuid::Uuid::now_v7().to_string();
-    let claim = Claiming {
-        scope,
-        key: key.as_str(),
-        fingerprint,
-        token: &token,
-        retention: retention.as_millis() as i64,
-        lease: lease.as_millis() as i64,
-    };
+    let token = new_token();
+    let c = Claiming::new(scope, key, fingerprint, &token, retention, lease);
     // Another attempt is needed only when the key changed hands between our read and our write
     // (a racing request claimed it, or its row was deleted meanwhile), or when a pooled
     // connection taken without a liveness check turned out dead; after a few, the key is
@@ -221,15 +201,13 @@ pub(crate) async fn claim_keeping(
     let mut checked = false;
     for _ in 0..CLAIM_ATTEMPTS {
         let outcome = match db {
-            Db::Postgres(p) => claim_pg(p.pool(), &claim, checked)
-                .await
-                .map(|(attempt, conn)| (attempt, Some(conn))),
-            Db::Sqlite(s) => claim_sqlite(s, &claim).await.map(|attempt| (attempt, None)),
+            Db::Postgres(p) => claim_pg(p.pool(), &c, checked).await,
+            Db::Sqlite(s) => claim_sqlite(s, &c).await,
         };
         match outcome {
-            Ok((Attempt::Claimed, conn)) => return Ok((Claim::Claimed(token), conn)),
-            Ok((Attempt::Answer(c), _)) => return Ok((c, None)),
-            Ok((Attempt::Again, _)) => {}
+            Ok(Attempt::Claimed) => return Ok(Claim::Claimed(token)),
+            Ok(Attempt::Answer(a)) => return Ok(a),
+            Ok(Attempt::Again) => {}
             Err(sqlx::Error::Io(e)) if !checked => {
                 tracing::debug!(error = %e, "idempotency claim on a dead pooled connection; retrying on a checked one");
                 checked = true;
@@ -237,10 +215,249 @@ pub(crate) async fn claim_keeping(
             Err(e) => return Err(e),
         }
     }
-    Ok((Claim::InFlight, None))
+    Ok(Claim::InFlight)
 }
 
 const CLAIM_ATTEMPTS: usize = 3;
+
+fn new_token() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// The key of a request as the layer holds it while the handler runs, before anything about it
+/// is written. One commit per request instead of two (a claim, then the handler's), and nothing
+/// to clean up when the request dies:
+/// - PostgreSQL: an open transaction holding the key's advisory lock. The handler's transaction
+///   *is* this one, so the lock lasts until the response is committed with the handler's writes,
+///   and ends by itself if the process or its connection dies (no lease to wait out).
+/// - SQLite: this process's mark on the key; the key's row is written in the handler's write
+///   transaction, whose single-writer lock covers other processes.
+pub(crate) struct Held {
+    /// PostgreSQL: the transaction holding the lock, until the handler takes it.
+    pub(crate) tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    _mark: Option<Mark>,
+}
+
+/// What [`open`] found.
+pub(crate) enum Opened {
+    /// Replay, refuse (422) or 409, without running the handler.
+    Answer(Claim),
+    /// The key is this request's while the value lives.
+    Held(Held),
+}
+
+/// Hold `key` for this request without writing anything (see [`Held`]), or say why not.
+/// PostgreSQL: `BEGIN` and one statement, [`PG_OPEN`]. SQLite: the process's mark, then a read
+/// without the write lock.
+pub(crate) async fn open(
+    db: &Db,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+) -> Result<Opened, sqlx::Error> {
+    let c = Claiming::new(scope, key, fingerprint, "", Duration::ZERO, Duration::ZERO);
+    match db {
+        Db::Postgres(p) => {
+            let mut checked = false;
+            loop {
+                match open_pg(p.pool(), &c, checked).await {
+                    Err(sqlx::Error::Io(e)) if !checked => {
+                        tracing::debug!(error = %e, "idempotency key opened on a dead pooled connection; retrying on a checked one");
+                        checked = true;
+                    }
+                    outcome => return outcome,
+                }
+            }
+        }
+        Db::Sqlite(s) => {
+            let Some(mark) = s.key_marks().try_mark(scope, key.as_str()) else {
+                return Ok(Opened::Answer(Claim::InFlight));
+            };
+            let (_, row) = read_sqlite(s, &c).await?;
+            Ok(match judge(row, &c, now_ms()) {
+                Some(Attempt::Answer(a)) => Opened::Answer(a),
+                _ => Opened::Held(Held {
+                    tx: None,
+                    _mark: Some(mark),
+                }),
+            })
+        }
+    }
+}
+
+/// PostgreSQL: lock the key for the transaction, then read its row (one round trip, in this
+/// order; see the function's migration, `20261127000008_idempotency_open.sql`).
+const PG_OPEN: &str = "SELECT o_held, o_fingerprint, o_status, o_headers, o_body, o_token, o_locked_until, o_expires_at
+    FROM seaport_idempotency_open($1, $2, $3)";
+
+/// The read-committed level is named: the function's fresh snapshot after the lock is what
+/// makes the read current, and a database whose default is stricter would read as of `BEGIN`.
+const PG_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result<Opened, sqlx::Error> {
+    use sqlx::SqlSafeStr;
+    let conn = pooled(pool, checked).await?;
+    let mut tx = sqlx::Transaction::begin(conn, Some(PG_BEGIN.into_sql_str())).await?;
+    let (held, row) = split::<bool>(
+        sqlx::query_as(PG_OPEN)
+            .bind(c.scope)
+            .bind(c.key)
+            .bind(lock_id(c.scope, c.key))
+            .fetch_one(&mut *tx)
+            .await?,
+    );
+    if !held {
+        return Ok(Opened::Answer(Claim::InFlight));
+    }
+    Ok(match judge(row, c, now_ms()) {
+        Some(Attempt::Answer(a)) => Opened::Answer(a),
+        _ => Opened::Held(Held { tx: Some(tx), _mark: None }),
+    })
+}
+
+/// Turn a hold into a durable claim, for a handler that calls out before it writes: the key must
+/// not keep a PostgreSQL connection (and its transaction) open meanwhile, and on SQLite other
+/// processes must see it taken. PostgreSQL: the claim statement in the held transaction, which
+/// commits it and lets the lock go (the claim row now guards the key). SQLite: [`claim`]; the
+/// mark stays until the request ends.
+pub(crate) async fn persist(
+    db: &Db,
+    held: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+    retention: Duration,
+    lease: Duration,
+) -> Result<Claim, sqlx::Error> {
+    let Some(mut tx) = held else {
+        return claim(db, scope, key, fingerprint, retention, lease).await;
+    };
+    let token = new_token();
+    let c = Claiming::new(scope, key, fingerprint, &token, retention, lease);
+    match claim_pg_on(&mut tx, &c).await? {
+        Attempt::Claimed => {
+            tx.commit().await?;
+            Ok(Claim::Claimed(token))
+        }
+        Attempt::Answer(a) => Ok(a),
+        // The key changed under our lock: only a request that claimed it before us and was
+        // taken for dead can do that, by storing its response late. Let the client retry.
+        Attempt::Again => Ok(Claim::InFlight),
+    }
+}
+
+/// What a request that lost its key at the end (see [`record`]) tells its client: the stored
+/// response, a refusal, or 409.
+pub(crate) async fn answer(db: &Db, scope: &str, key: &IdempotencyKey, fingerprint: &str) -> Result<Claim, sqlx::Error> {
+    const READ: &str = "SELECT fingerprint, status, headers, body, token, locked_until, expires_at
+        FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2";
+    type Row = (String, i64, String, Vec<u8>, String, i64, i64);
+    let row: Option<Row> = crate::on_pool!(db, p => sqlx::query_as(READ).bind(scope).bind(key.as_str()).fetch_optional(p).await)?;
+    let row = row.map(
+        |(fingerprint, status, headers, body, token, locked_until, expires_at)| Existing {
+            fingerprint,
+            status,
+            headers,
+            body,
+            token,
+            locked_until,
+            expires_at,
+        },
+    );
+    let c = Claiming::new(scope, key, fingerprint, "", Duration::ZERO, Duration::ZERO);
+    Ok(match judge(row, &c, now_ms()) {
+        Some(Attempt::Answer(a)) => a,
+        _ => Claim::InFlight,
+    })
+}
+
+/// Store the completed response of a held key (see [`open`]) in the handler's transaction.
+/// Returns `false` if the key is no longer free to take (on SQLite, another process completed or
+/// claimed it meanwhile; on PostgreSQL, only a claim taken for dead that came back): the caller
+/// must then roll back and [`answer`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn record<'c>(
+    tx: impl Into<Conn<'c>>,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+    retention: Duration,
+    status: u16,
+    headers_json: &str,
+    body: &[u8],
+) -> Result<bool, sqlx::Error> {
+    // The same conditions as the claim's: a row may only be replaced once expired or abandoned.
+    const RECORD: &str = "INSERT INTO seaport_idempotency_keys AS k
+            (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+        ON CONFLICT (scope, key) DO UPDATE SET
+            fingerprint = excluded.fingerprint, status = excluded.status, headers = excluded.headers,
+            body = excluded.body,
+            created_at = CASE WHEN k.expires_at <= $7 THEN excluded.created_at ELSE k.created_at END,
+            expires_at = CASE WHEN k.expires_at <= $7 THEN excluded.expires_at ELSE k.expires_at END,
+            token = excluded.token, locked_until = 0
+        WHERE k.expires_at <= $7
+           OR (k.status = 0 AND k.locked_until <= $7 AND k.fingerprint = excluded.fingerprint)
+        RETURNING 1";
+    let now = now_ms();
+    let token = new_token();
+    let done = on_conn!(tx, c => sqlx::query(RECORD)
+        .bind(scope)
+        .bind(key.as_str())
+        .bind(fingerprint)
+        .bind(status as i64)
+        .bind(headers_json)
+        .bind(body)
+        .bind(now)
+        .bind(now + retention.as_millis() as i64)
+        .bind(&token)
+        .fetch_optional(c)
+        .await?
+        .is_some());
+    Ok(done)
+}
+
+/// The keys this process's requests hold on SQLite, where nothing in the database can be held
+/// across a handler's run without holding the single writer: a second request for a held key
+/// gets 409 at once.
+#[derive(Default)]
+pub(crate) struct KeyMarks(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// One key's mark; dropping it frees the key.
+pub(crate) struct Mark {
+    marks: std::sync::Arc<KeyMarks>,
+    id: String,
+}
+
+impl KeyMarks {
+    fn try_mark(self: &std::sync::Arc<Self>, scope: &str, key: &str) -> Option<Mark> {
+        let id = format!("{scope}\0{key}");
+        let fresh = self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone());
+        fresh.then(|| Mark {
+            marks: self.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        self.marks.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
+
+/// The key's advisory lock on PostgreSQL: the first 8 bytes of SHA-256 over the scope and the
+/// key. It is the single-`bigint` form, a space apart from Seaport's other advisory locks (two
+/// `int4`s). Two keys that share a lock only make each other's concurrent requests answer 409.
+fn lock_id(scope: &str, key: &str) -> i64 {
+    let mut h = Sha256::new();
+    h.update(b"seaport.idempotency\0");
+    h.update(scope.as_bytes());
+    h.update([0]);
+    h.update(key.as_bytes());
+    let digest = h.finalize();
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
 
 /// The parameters of one claim.
 struct Claiming<'a> {
@@ -254,6 +471,26 @@ struct Claiming<'a> {
     lease: i64,
 }
 
+impl<'a> Claiming<'a> {
+    fn new(
+        scope: &'a str,
+        key: &'a IdempotencyKey,
+        fingerprint: &'a str,
+        token: &'a str,
+        retention: Duration,
+        lease: Duration,
+    ) -> Self {
+        Claiming {
+            scope,
+            key: key.as_str(),
+            fingerprint,
+            token,
+            retention: retention.as_millis() as i64,
+            lease: lease.as_millis() as i64,
+        }
+    }
+}
+
 /// The row of a key as a claim finds it.
 struct Existing {
     fingerprint: String,
@@ -263,6 +500,33 @@ struct Existing {
     token: String,
     locked_until: i64,
     expires_at: i64,
+}
+
+/// A leading value and the key's columns as an outer join reads them (all `NULL`: no row).
+type RowOf<T> = (
+    T,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// The leading value of `row`, and the key's row if it has one.
+fn split<T>(row: RowOf<T>) -> (T, Option<Existing>) {
+    let (lead, fingerprint, status, headers, body, token, locked_until, expires_at) = row;
+    let existing = fingerprint.map(|fingerprint| Existing {
+        fingerprint,
+        status: status.unwrap_or_default(),
+        headers: headers.unwrap_or_default(),
+        body: body.unwrap_or_default(),
+        token: token.unwrap_or_default(),
+        locked_until: locked_until.unwrap_or_default(),
+        expires_at: expires_at.unwrap_or_default(),
+    });
+    (lead, existing)
 }
 
 enum Attempt {
@@ -278,7 +542,7 @@ enum Attempt {
 /// finished). The claim statements' `WHERE` clauses are the SQL form of the `None` cases.
 fn judge(row: Option<Existing>, c: &Claiming<'_>, now: i64) -> Option<Attempt> {
     let row = row?;
-    if row.token == c.token && row.status == 0 {
+    if !c.token.is_empty() && row.token == c.token && row.status == 0 {
         return Some(Attempt::Claimed);
     }
     if row.expires_at <= now {
@@ -313,16 +577,18 @@ async fn pooled<DB: sqlx::Database>(
     }
 }
 
-/// PostgreSQL: insert the claim or take over an expired or abandoned one (`claimed`), else read
-/// the row. `set_config(…, true)` applies to this statement's own (implicit) transaction, whose
-/// commit then does not wait for a WAL flush. The row read is the one of the statement's
-/// snapshot: if the key was claimed by a transaction that committed after it, the read finds no
-/// row or one that looks claimable (`Again`).
-const PG_CLAIM: &str = "WITH claimed AS (
+/// PostgreSQL: if the key's advisory lock is free (or ours: the layer's hold), insert the claim
+/// or take over an expired or abandoned one (`claimed`), else read the row; `busy` if another
+/// transaction holds the lock. `set_config(…, true)` applies to this statement's own (implicit)
+/// transaction, or the layer's held one, whose commit then does not wait for a WAL flush. The row
+/// read is the one of the statement's snapshot: if the key was claimed by a transaction that
+/// committed after it, the read finds no row or one that looks claimable (`Again`).
+const PG_CLAIM: &str = "WITH lock AS (SELECT pg_try_advisory_xact_lock($8) AS held),
+claimed AS (
     INSERT INTO seaport_idempotency_keys AS k
         (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until)
-    SELECT $1, $2, $3, 0, '[]', ''::bytea, $4, $5, $6, $7
-    WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
+    SELECT $1, $2, $3, 0, '[]', ''::bytea, $4, $5, $6, $7 FROM lock
+    WHERE lock.held AND set_config('synchronous_commit', 'off', true) IS NOT NULL
     ON CONFLICT (scope, key) DO UPDATE SET
         fingerprint = excluded.fingerprint, status = 0, headers = '[]', body = excluded.body,
         created_at = CASE WHEN k.expires_at <= $4 THEN excluded.created_at ELSE k.created_at END,
@@ -332,16 +598,25 @@ const PG_CLAIM: &str = "WITH claimed AS (
        OR (k.status = 0 AND k.locked_until <= $4 AND k.fingerprint = excluded.fingerprint)
     RETURNING 1
 )
-SELECT true, '', 0::int8, '', ''::bytea, '', 0::int8, 0::int8 FROM claimed
+SELECT 'claimed', NULL::text, NULL::int8, NULL::text, NULL::bytea, NULL::text, NULL::int8, NULL::int8 FROM claimed
 UNION ALL
-SELECT false, fingerprint, status, headers, body, token, locked_until, expires_at FROM seaport_idempotency_keys
-WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)";
+SELECT 'busy', NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM lock WHERE NOT lock.held
+UNION ALL
+SELECT 'row', fingerprint, status, headers, body, token, locked_until, expires_at FROM seaport_idempotency_keys
+WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed) AND (SELECT held FROM lock)";
 
-async fn claim_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result<(Attempt, Spare), sqlx::Error> {
-    type Row = (bool, String, i64, String, Vec<u8>, String, i64, i64);
+async fn claim_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result<Attempt, sqlx::Error> {
     let mut conn = pooled(pool, checked).await?;
+    let attempt = claim_pg_on(&mut conn, c).await;
+    if matches!(attempt, Err(sqlx::Error::Io(_))) {
+        conn.close_on_drop();
+    }
+    attempt
+}
+
+async fn claim_pg_on(conn: &mut sqlx::PgConnection, c: &Claiming<'_>) -> Result<Attempt, sqlx::Error> {
     let now = now_ms();
-    let row: Result<Option<Row>, _> = sqlx::query_as(PG_CLAIM)
+    let row: Option<RowOf<String>> = sqlx::query_as(PG_CLAIM)
         .bind(c.scope)
         .bind(c.key)
         .bind(c.fingerprint)
@@ -349,34 +624,15 @@ async fn claim_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Resul
         .bind(now + c.retention)
         .bind(c.token)
         .bind(now + c.lease)
-        .fetch_optional(&mut *conn)
-        .await;
-    let row = match row {
-        Ok(row) => row,
-        Err(e) => {
-            if matches!(e, sqlx::Error::Io(_)) {
-                conn.close_on_drop();
-            }
-            return Err(e);
-        }
-    };
-    let attempt = match row {
-        Some((true, ..)) => Attempt::Claimed,
-        Some((false, fingerprint, status, headers, body, token, locked_until, expires_at)) => {
-            let row = Existing {
-                fingerprint,
-                status,
-                headers,
-                body,
-                token,
-                locked_until,
-                expires_at,
-            };
-            judge(Some(row), c, now).unwrap_or(Attempt::Again)
-        }
+        .bind(lock_id(c.scope, c.key))
+        .fetch_optional(conn)
+        .await?;
+    Ok(match row.map(split) {
+        Some((kind, _)) if kind == "claimed" => Attempt::Claimed,
+        Some((kind, _)) if kind == "busy" => Attempt::Answer(Claim::InFlight),
+        Some((_, existing)) => judge(existing, c, now).unwrap_or(Attempt::Again),
         None => Attempt::Again,
-    };
-    Ok((attempt, conn))
+    })
 }
 
 /// SQLite: the key's row, if any, and the connection's `synchronous` level (one row always).
@@ -384,6 +640,18 @@ const SQLITE_READ: &str =
     "SELECT s.synchronous, k.fingerprint, k.status, k.headers, k.body, k.token, k.locked_until, k.expires_at
     FROM pragma_synchronous AS s
     LEFT JOIN seaport_idempotency_keys AS k ON k.scope = $1 AND k.key = $2";
+
+async fn read_sqlite(
+    store: &crate::store::SqliteStore,
+    c: &Claiming<'_>,
+) -> Result<(i64, Option<Existing>), sqlx::Error> {
+    let row: RowOf<i64> = sqlx::query_as(SQLITE_READ)
+        .bind(c.scope)
+        .bind(c.key)
+        .fetch_one(&mut *pooled(store.pool(), false).await?)
+        .await?;
+    Ok(split(row))
+}
 
 /// SQLite: the claim; a row returned means it is ours (inserted, or an expired or abandoned
 /// claim taken over).
@@ -421,31 +689,7 @@ const SQLITE_CLAIM: [&str; 3] = [
 ];
 
 async fn claim_sqlite(store: &crate::store::SqliteStore, c: &Claiming<'_>) -> Result<Attempt, sqlx::Error> {
-    type Read = (
-        i64,
-        Option<String>,
-        Option<i64>,
-        Option<String>,
-        Option<Vec<u8>>,
-        Option<String>,
-        Option<i64>,
-        Option<i64>,
-    );
-    let (synchronous, fingerprint, status, headers, body, token, locked_until, expires_at): Read =
-        sqlx::query_as(SQLITE_READ)
-            .bind(c.scope)
-            .bind(c.key)
-            .fetch_one(&mut *pooled(store.pool(), false).await?)
-            .await?;
-    let row = fingerprint.map(|fingerprint| Existing {
-        fingerprint,
-        status: status.unwrap_or_default(),
-        headers: headers.unwrap_or_default(),
-        body: body.unwrap_or_default(),
-        token: token.unwrap_or_default(),
-        locked_until: locked_until.unwrap_or_default(),
-        expires_at: expires_at.unwrap_or_default(),
-    });
+    let (synchronous, row) = read_sqlite(store, c).await?;
     if let Some(attempt) = judge(row, c, now_ms()) {
         return Ok(attempt);
     }

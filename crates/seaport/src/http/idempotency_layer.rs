@@ -1,5 +1,11 @@
-//! The Idempotency-Key layer: claim the key, run the handler with a transaction it writes in,
+//! The Idempotency-Key layer: hold the key, run the handler with a transaction it writes in,
 //! store the response in that same transaction, commit; replay, refuse or release otherwise.
+//!
+//! One commit per request: the key is held without writing anything while the handler runs (on
+//! PostgreSQL an advisory lock in the handler's own transaction, on SQLite a mark in the process),
+//! and its row is written once, completed, with the handler's writes. Only a handler that has not
+//! asked for its transaction within [`HOLD_BEFORE_CLAIM`] (it calls out first) gets a durable
+//! claim row before it writes, as every request did before (see `http::idempotency::open`).
 //!
 //! ```ignore
 //! Router::new().route("/cases", post(create_case).layer(IdempotencyLayer::new(db.clone())));
@@ -32,7 +38,8 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tower::{Layer, Service};
 
 use super::idempotency::{
-    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Spare, claim_keeping, fingerprint, release, store_response,
+    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Opened, answer, fingerprint, open, persist, record, release,
+    store_response,
 };
 use super::problem::Problem;
 use crate::store::{Db, Tx};
@@ -135,6 +142,11 @@ pub struct IdempotencyService<S> {
 /// layer stores the response in it and commits (or rolls back on failure). Do not commit it,
 /// and on SQLite do not begin another write transaction while holding it (one writer at a time:
 /// the second would wait for the first forever).
+///
+/// Ask for it as soon as the handler knows it will write: on PostgreSQL it is the transaction
+/// that already holds the key, and the request then commits once. A handler that has not asked
+/// within [`HOLD_BEFORE_CLAIM`] (it calls out first, say) gets its key claimed durably instead,
+/// a second commit, so that no connection waits on the call.
 #[derive(Clone)]
 pub struct IdempotentTx {
     inner: Arc<TxSlot>,
@@ -143,22 +155,33 @@ pub struct IdempotentTx {
 
 struct TxSlot {
     tx: Mutex<Option<Tx>>,
-    /// PostgreSQL: the connection the claim ran on, which the transaction begins on if the
-    /// handler asks for it soon (see [`SPARE_HOLD`]); otherwise it goes back to the pool.
-    spare: std::sync::Mutex<Option<Spare>>,
+    before: std::sync::Mutex<Before>,
 }
 
-/// How long the claim's connection waits for the handler's transaction before it goes back to
-/// the pool. A handler that first calls out (a CRM lookup, say) must not hold a connection it
-/// does not use meanwhile; one that writes at once saves a checkout of the pool.
-const SPARE_HOLD: Duration = Duration::from_millis(10);
+/// Where a request stands before its handler asked for the transaction.
+enum Before {
+    /// Not asked yet. PostgreSQL: the transaction holding the key, which the handler gets.
+    Waiting(Option<PgTx>),
+    /// The handler asked: its transaction (begun or being begun) carries the response.
+    Asked,
+    /// The layer claimed the key durably meanwhile: the handler's transaction is a new one.
+    Claimed,
+}
+
+type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// How long a request may hold its key without a durable claim, waiting for its handler to ask
+/// for the transaction. Handlers that write at once ask within microseconds; one that calls out
+/// first (a CRM lookup, say) must not keep a PostgreSQL connection idle in a transaction
+/// meanwhile, nor leave the key unclaimed for other processes on SQLite.
+pub const HOLD_BEFORE_CLAIM: Duration = Duration::from_millis(10);
 
 impl IdempotentTx {
-    fn new(db: Db, spare: Option<Spare>) -> Self {
+    fn new(db: Db, held: Option<PgTx>) -> Self {
         IdempotentTx {
             inner: Arc::new(TxSlot {
                 tx: Mutex::new(None),
-                spare: std::sync::Mutex::new(spare),
+                before: std::sync::Mutex::new(Before::Waiting(held)),
             }),
             db,
         }
@@ -168,29 +191,51 @@ impl IdempotentTx {
     pub async fn get(&self) -> Result<MappedMutexGuard<'_, Tx>, sqlx::Error> {
         let mut guard = self.inner.tx.lock().await;
         if guard.is_none() {
-            *guard = Some(begin(&self.db, self.take_spare()).await?);
+            let held = {
+                let mut before = self.before();
+                match &mut *before {
+                    Before::Waiting(held) => {
+                        let held = held.take();
+                        *before = Before::Asked;
+                        held
+                    }
+                    Before::Asked | Before::Claimed => None,
+                }
+            };
+            *guard = Some(match held {
+                Some(tx) => Tx::Postgres(tx),
+                None => self.db.begin_write().await?,
+            });
         }
         Ok(MutexGuard::map(guard, |t| t.as_mut().expect("set above")))
     }
 
-    async fn take(&self) -> Option<Tx> {
-        self.inner.tx.lock().await.take()
+    fn before(&self) -> std::sync::MutexGuard<'_, Before> {
+        self.inner.before.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn has_spare(&self) -> bool {
-        self.inner.spare.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    /// If the handler has not asked yet: from now on it gets a new transaction, and the held one
+    /// (PostgreSQL) is the caller's, to claim the key in. `None` if the handler asked.
+    fn stop_waiting(&self) -> Option<Option<PgTx>> {
+        let mut before = self.before();
+        match &mut *before {
+            Before::Waiting(held) => {
+                let held = held.take();
+                *before = Before::Claimed;
+                Some(held)
+            }
+            _ => None,
+        }
     }
 
-    fn take_spare(&self) -> Option<Spare> {
-        self.inner.spare.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-/// A write transaction: on `spare` if there is one, else the usual way.
-async fn begin(db: &Db, spare: Option<Spare>) -> Result<Tx, sqlx::Error> {
-    match spare {
-        Some(conn) => Ok(Tx::Postgres(sqlx::Transaction::begin(conn, None).await?)),
-        None => db.begin_write().await,
+    /// After the handler: its transaction, else the one still held (PostgreSQL, never asked for).
+    async fn finish(&self) -> Option<Tx> {
+        let asked = self.inner.tx.lock().await.take();
+        let held = match &mut *self.before() {
+            Before::Waiting(held) => held.take(),
+            Before::Asked | Before::Claimed => None,
+        };
+        asked.or(held.map(Tx::Postgres))
     }
 }
 
@@ -225,6 +270,34 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         Box::pin(async move { Ok(handle(inner, config, req).await) })
+    }
+}
+
+/// The answer to a request that does not run its handler: replay, 422 or 409.
+fn answer_response(claim: Claim) -> Response {
+    match claim {
+        Claim::Replay(stored) => {
+            crate::telemetry::idempotency_replay();
+            stored.replay()
+        }
+        Claim::Mismatch => {
+            crate::telemetry::idempotency_conflict("reused");
+            Problem::unprocessable("this idempotency key was already used for a different request")
+                .with_type("/problems/idempotency-key-reused", "Idempotency key reused")
+                .into_response()
+        }
+        Claim::InFlight | Claim::Claimed(_) => {
+            crate::telemetry::idempotency_conflict("in_flight");
+            let mut res = Problem::new(
+                StatusCode::CONFLICT,
+                "a request with this idempotency key is still being processed",
+            )
+            .with_type("/problems/idempotency-key-in-flight", "Idempotency key in use")
+            .into_response();
+            res.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            res
+        }
     }
 }
 
@@ -270,76 +343,61 @@ where
     let scope = (config.scope)(&parts);
     let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let fp = fingerprint(parts.method.as_str(), target, &bytes);
-    let (token, spare) = match claim_keeping(&config.db, &scope, &key, &fp, config.retention, config.lease).await {
+    // Held until this function returns (SQLite: the process's mark on the key).
+    let mut held = match open(&config.db, &scope, &key, &fp).await {
         Err(e) => return Problem::internal(e).into_response(),
-        Ok((Claim::Replay(stored), _)) => {
-            crate::telemetry::idempotency_replay();
-            return stored.replay();
-        }
-        Ok((Claim::Mismatch, _)) => {
-            crate::telemetry::idempotency_conflict("reused");
-            return Problem::unprocessable("this idempotency key was already used for a different request")
-                .with_type("/problems/idempotency-key-reused", "Idempotency key reused")
-                .into_response();
-        }
-        Ok((Claim::InFlight, _)) => {
-            crate::telemetry::idempotency_conflict("in_flight");
-            let mut res = Problem::new(
-                StatusCode::CONFLICT,
-                "a request with this idempotency key is still being processed",
-            )
-            .with_type("/problems/idempotency-key-in-flight", "Idempotency key in use")
-            .into_response();
-            res.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return res;
-        }
-        Ok((Claim::Claimed(token), spare)) => (token, spare),
+        Ok(Opened::Answer(claim)) => return answer_response(claim),
+        Ok(Opened::Held(held)) => held,
     };
 
-    let tx = IdempotentTx::new(config.db.clone(), spare);
+    let tx = IdempotentTx::new(config.db.clone(), held.tx.take());
     let mut req = Request::from_parts(parts, Body::from(bytes));
     req.extensions_mut().insert(tx.clone());
-    let call = inner.call(req);
-    let res = if tx.has_spare() {
-        let mut call = std::pin::pin!(call);
+    // The token of the durable claim, if the handler was slow to ask for its transaction.
+    let mut claimed: Option<String> = None;
+    let res = {
+        let mut call = std::pin::pin!(inner.call(req));
         tokio::select! {
             biased;
             r = &mut call => r,
-            () = tokio::time::sleep(SPARE_HOLD) => {
-                drop(tx.take_spare());
+            () = tokio::time::sleep(HOLD_BEFORE_CLAIM) => {
+                // The handler is not polled meanwhile, so it cannot ask while the key is claimed.
+                if let Some(waiting) = tx.stop_waiting() {
+                    match persist(&config.db, waiting, &scope, &key, &fp, config.retention, config.lease).await {
+                        Ok(Claim::Claimed(token)) => claimed = Some(token),
+                        // Answered before the handler wrote anything: it is dropped unfinished.
+                        Ok(other) => return answer_response(other),
+                        Err(e) => return Problem::internal(e).into_response(),
+                    }
+                }
                 call.await
             }
         }
-    } else {
-        call.await
     };
     let res = match res {
         Ok(r) => r,
         Err(never) => match never {},
     };
-    let open = tx.take().await;
-    // Kept for the layer's own transaction if the handler began none, else returned now.
-    let spare = tx.take_spare();
+    let open_tx = tx.finish().await;
     let give_back = async |open: Option<Tx>| {
         if let Some(t) = open {
             let _ = t.rollback().await;
         }
-        if let Err(e) = release(&config.db, &scope, &key, &token).await {
+        if let Some(token) = &claimed
+            && let Err(e) = release(&config.db, &scope, &key, token).await
+        {
             tracing::warn!(error = %e, "could not release an idempotency key; it frees itself after its lease");
         }
     };
     if !res.status().is_success() {
-        drop(spare);
-        give_back(open).await;
+        give_back(open_tx).await;
         return res;
     }
     let (res_parts, res_body) = res.into_parts();
     let body = match to_bytes(res_body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
-            drop(spare);
-            give_back(open).await;
+            give_back(open_tx).await;
             return Problem::internal(e).into_response();
         }
     };
@@ -352,12 +410,9 @@ where
         .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
         .collect();
     let headers = serde_json::to_string(&headers).expect("strings serialise");
-    let mut t = match open {
-        Some(t) => {
-            drop(spare);
-            t
-        }
-        None => match begin(&config.db, spare).await {
+    let mut t = match open_tx {
+        Some(t) => t,
+        None => match config.db.begin_write().await {
             Ok(t) => t,
             Err(e) => {
                 give_back(None).await;
@@ -365,16 +420,28 @@ where
             }
         },
     };
-    match store_response(&mut t, &scope, &key, &token, res_parts.status.as_u16(), &headers, &body).await {
+    let status = res_parts.status.as_u16();
+    let stored = match &claimed {
+        Some(token) => store_response(&mut t, &scope, &key, token, status, &headers, &body).await,
+        None => record(&mut t, &scope, &key, &fp, config.retention, status, &headers, &body).await,
+    };
+    match stored {
         Ok(true) => {}
         Ok(false) => {
             let _ = t.rollback().await;
-            return Problem::new(
-                StatusCode::CONFLICT,
-                "the idempotency key was taken over while this request ran; retry it",
-            )
-            .with_type("/problems/idempotency-key-in-flight", "Idempotency key in use")
-            .into_response();
+            if claimed.is_some() {
+                return Problem::new(
+                    StatusCode::CONFLICT,
+                    "the idempotency key was taken over while this request ran; retry it",
+                )
+                .with_type("/problems/idempotency-key-in-flight", "Idempotency key in use")
+                .into_response();
+            }
+            // Another process completed or claimed the key meanwhile (SQLite): answer as it would.
+            return match answer(&config.db, &scope, &key, &fp).await {
+                Ok(claim) => answer_response(claim),
+                Err(e) => Problem::internal(e).into_response(),
+            };
         }
         Err(e) => {
             give_back(Some(t)).await;
@@ -385,6 +452,7 @@ where
         give_back(None).await;
         return Problem::internal(e).into_response();
     }
+    drop(held);
     Response::from_parts(res_parts, Body::from(body))
 }
 
@@ -421,7 +489,7 @@ mod tests {
         crate::on_pool!(db, p => sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(p).await.unwrap())
     }
 
-    /// Longer than `SPARE_HOLD` between the claim and the first write: the kept connection went
+    /// Longer than `HOLD_BEFORE_CLAIM` between the claim and the first write: the kept connection went
     /// back to the pool, and the transaction begins on another.
     async fn handler_that_calls_out_before_writing(kind: Kind) {
         let f = Fixture::new(kind).await;
@@ -429,7 +497,7 @@ mod tests {
         let app = Router::new().route(
             "/t",
             post(|tx: IdempotentTx| async move {
-                tokio::time::sleep(SPARE_HOLD * 3).await;
+                tokio::time::sleep(HOLD_BEFORE_CLAIM * 3).await;
                 let mut tx = tx.get().await?;
                 crate::on_conn!(&mut *tx, c => sqlx::query("INSERT INTO t (v) VALUES ('x')").execute(c).await.map(|_| ()))?;
                 Ok::<_, Problem>((StatusCode::CREATED, "made"))

@@ -31,6 +31,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     outbox_commits: watch::Sender<u64>,
     writers: Arc<Mutex<()>>,
+    /// Idempotency keys this process's requests hold (see `http::idempotency::open`).
+    key_marks: Arc<crate::http::idempotency::KeyMarks>,
 }
 
 /// A write transaction (`BEGIN IMMEDIATE`) holding this process's writer turn until it ends.
@@ -118,6 +120,7 @@ impl SqliteStore {
             pool,
             outbox_commits,
             writers: Arc::new(Mutex::new(())),
+            key_marks: Arc::default(),
         })
     }
 
@@ -143,6 +146,10 @@ impl SqliteStore {
     /// Wait for this process's writer turn; hold it around a single autocommit write statement.
     pub async fn writer_turn(&self) -> OwnedMutexGuard<()> {
         self.writers.clone().lock_owned().await
+    }
+
+    pub(crate) fn key_marks(&self) -> &Arc<crate::http::idempotency::KeyMarks> {
+        &self.key_marks
     }
 
     pub async fn close(&self) {
