@@ -1,0 +1,7 @@
+\set token random(1, 1000000000000)
+WITH claimed AS (INSERT INTO seaport_idempotency_keys AS k (scope, key, fingerprint, status, headers, body, created_at, expires_at, token, locked_until) SELECT 'anonymous', 'key-' || :token, 'fingerprint-of-the-request-0123456789abcdef', 0, '[]', ''::bytea, 1, 86400001, 'token-' || :token, 30001 WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL ON CONFLICT (scope, key) DO UPDATE SET token = excluded.token WHERE k.expires_at <= 1 RETURNING 1) SELECT true FROM claimed UNION ALL SELECT false FROM seaport_idempotency_keys WHERE scope = 'anonymous' AND key = 'key-' || :token AND NOT EXISTS (SELECT 1 FROM claimed);
+BEGIN;
+INSERT INTO cases (id, title, description, customer_id, status, correlation_id, created_at, customer_check, customer_name, customer_email) VALUES (gen_random_uuid()::text, 'Printer on fire', 'Third floor', 'cust-1', 'open', gen_random_uuid()::text, '2026-11-26T09:00:00Z', 'unverified', NULL, NULL);
+INSERT INTO seaport_outbox (event_id, topic, ordering_key, partition, envelope, created_at, traceparent) VALUES (gen_random_uuid()::text, 'sea.cases.created', 'case-1', 3, convert_to(repeat('x', 600), 'UTF8'), 1, '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01') RETURNING seq;
+UPDATE seaport_idempotency_keys SET status = 201, headers = '[["content-type","application/json"],["location","/cases/x"]]', body = convert_to(repeat('y', 400), 'UTF8'), locked_until = 0 WHERE scope = 'anonymous' AND key = 'key-' || :token AND token = 'token-' || :token AND status = 0;
+COMMIT;
