@@ -353,8 +353,8 @@ where
     let tx = IdempotentTx::new(config.db.clone(), held.tx.take());
     let mut req = Request::from_parts(parts, Body::from(bytes));
     req.extensions_mut().insert(tx.clone());
-    // The token of the durable claim, if the handler was slow to ask for its transaction.
-    let mut claimed: Option<String> = None;
+    // The durable claim, if the handler was slow to ask for its transaction.
+    let mut claimed: Option<DurableClaim> = None;
     let res = {
         let mut call = std::pin::pin!(inner.call(req));
         tokio::select! {
@@ -364,7 +364,15 @@ where
                 // The handler is not polled meanwhile, so it cannot ask while the key is claimed.
                 if let Some(waiting) = tx.stop_waiting() {
                     match persist(&config.db, waiting, &scope, &key, &fp, config.retention, config.lease).await {
-                        Ok(Claim::Claimed(token)) => claimed = Some(token),
+                        Ok(Claim::Claimed(token)) => {
+                            claimed = Some(DurableClaim {
+                                db: config.db.clone(),
+                                scope: scope.clone(),
+                                key: key.clone(),
+                                token,
+                                open: true,
+                            })
+                        }
                         // Answered before the handler wrote anything: it is dropped unfinished.
                         Ok(other) => return answer_response(other),
                         Err(e) => return Problem::internal(e).into_response(),
@@ -379,25 +387,15 @@ where
         Err(never) => match never {},
     };
     let open_tx = tx.finish().await;
-    let give_back = async |open: Option<Tx>| {
-        if let Some(t) = open {
-            let _ = t.rollback().await;
-        }
-        if let Some(token) = &claimed
-            && let Err(e) = release(&config.db, &scope, &key, token).await
-        {
-            tracing::warn!(error = %e, "could not release an idempotency key; it frees itself after its lease");
-        }
-    };
     if !res.status().is_success() {
-        give_back(open_tx).await;
+        give_back(open_tx, claimed.as_mut()).await;
         return res;
     }
     let (res_parts, res_body) = res.into_parts();
     let body = match to_bytes(res_body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
-            give_back(open_tx).await;
+            give_back(open_tx, claimed.as_mut()).await;
             return Problem::internal(e).into_response();
         }
     };
@@ -415,21 +413,23 @@ where
         None => match config.db.begin_write().await {
             Ok(t) => t,
             Err(e) => {
-                give_back(None).await;
+                give_back(None, claimed.as_mut()).await;
                 return Problem::internal(e).into_response();
             }
         },
     };
     let status = res_parts.status.as_u16();
     let stored = match &claimed {
-        Some(token) => store_response(&mut t, &scope, &key, token, status, &headers, &body).await,
+        Some(c) => store_response(&mut t, &scope, &key, &c.token, status, &headers, &body).await,
         None => record(&mut t, &scope, &key, &fp, config.retention, status, &headers, &body).await,
     };
     match stored {
         Ok(true) => {}
         Ok(false) => {
             let _ = t.rollback().await;
-            if claimed.is_some() {
+            if let Some(c) = claimed.as_mut() {
+                // Taken over: the claim is someone else's now, nothing to release.
+                c.open = false;
                 return Problem::new(
                     StatusCode::CONFLICT,
                     "the idempotency key was taken over while this request ran; retry it",
@@ -444,16 +444,65 @@ where
             };
         }
         Err(e) => {
-            give_back(Some(t)).await;
+            give_back(Some(t), claimed.as_mut()).await;
             return Problem::internal(e).into_response();
         }
     }
     if let Err(e) = t.commit().await {
-        give_back(None).await;
+        give_back(None, claimed.as_mut()).await;
         return Problem::internal(e).into_response();
+    }
+    if let Some(c) = claimed.as_mut() {
+        c.open = false;
     }
     drop(held);
     Response::from_parts(res_parts, Body::from(body))
+}
+
+/// Roll back what the handler wrote and free the key for a retry.
+async fn give_back(open: Option<Tx>, claim: Option<&mut DurableClaim>) {
+    if let Some(t) = open {
+        let _ = t.rollback().await;
+    }
+    if let Some(c) = claim {
+        c.open = false;
+        if let Err(e) = release(&c.db, &c.scope, &c.key, &c.token).await {
+            tracing::warn!(error = %e, "could not release an idempotency key; it frees itself after its lease");
+        }
+    }
+}
+
+/// A request's durable claim (see [`HOLD_BEFORE_CLAIM`]). If the request is dropped before it
+/// settles the claim (its client went away, the server shut down), the claim is released in
+/// the background, so the key is not blocked for the rest of its lease.
+struct DurableClaim {
+    db: Db,
+    scope: String,
+    key: IdempotencyKey,
+    token: String,
+    /// Neither completed, released nor taken over yet.
+    open: bool,
+}
+
+impl Drop for DurableClaim {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (db, scope, key, token) = (
+                self.db.clone(),
+                std::mem::take(&mut self.scope),
+                self.key.clone(),
+                std::mem::take(&mut self.token),
+            );
+            runtime.spawn(async move {
+                if let Err(e) = release(&db, &scope, &key, &token).await {
+                    tracing::warn!(error = %e, "could not release the idempotency key of a dropped request; it frees itself after its lease");
+                }
+            });
+        }
+    }
 }
 
 /// The layer's own transaction handling on both backends: the claim's connection kept for the
