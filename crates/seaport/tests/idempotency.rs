@@ -318,7 +318,13 @@ async fn a_duplicate_through_another_instance_never_doubles_the_effect(kind: Kin
     let other = second_instance(&a.f).await;
     let (open_tx, open) = tokio::sync::watch::channel(false);
     let calls = Arc::new(AtomicUsize::new(0));
-    let first_base = serve(gated_router(a.f.db.clone(), open.clone(), calls.clone(), Duration::ZERO)).await;
+    let first_base = serve(gated_router(
+        a.f.db.clone(),
+        open.clone(),
+        calls.clone(),
+        Duration::ZERO,
+    ))
+    .await;
     let second_base = serve(gated_router(other.clone(), open, calls.clone(), Duration::ZERO)).await;
     let send = |base: String| {
         let http = a.http.clone();
@@ -371,7 +377,10 @@ async fn a_duplicate_through_another_instance_never_doubles_the_effect(kind: Kin
 /// key written; one that called out first had its claim written, and released on the drop.
 async fn a_request_dropped_mid_handler_frees_its_key_at_once(kind: Kind) {
     let a = app(kind, Behaviour::default(), |l| l).await;
-    for (key, first) in [("dropped-fast", Duration::ZERO), ("dropped-slow", Duration::from_millis(100))] {
+    for (key, first) in [
+        ("dropped-fast", Duration::ZERO),
+        ("dropped-slow", Duration::from_millis(100)),
+    ] {
         dropped_then_retried(&a, key, first).await;
     }
     assert_eq!(a.things().await, 2, "the dropped requests' writes were rolled back");

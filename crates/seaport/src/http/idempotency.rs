@@ -249,12 +249,7 @@ pub(crate) enum Opened {
 /// Hold `key` for this request without writing anything (see [`Held`]), or say why not.
 /// PostgreSQL: `BEGIN` and one statement, [`PG_OPEN`]. SQLite: the process's mark, then a read
 /// without the write lock.
-pub(crate) async fn open(
-    db: &Db,
-    scope: &str,
-    key: &IdempotencyKey,
-    fingerprint: &str,
-) -> Result<Opened, sqlx::Error> {
+pub(crate) async fn open(db: &Db, scope: &str, key: &IdempotencyKey, fingerprint: &str) -> Result<Opened, sqlx::Error> {
     let c = Claiming::new(scope, key, fingerprint, "", Duration::ZERO, Duration::ZERO);
     match db {
         Db::Postgres(p) => {
@@ -311,7 +306,10 @@ async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result
     }
     Ok(match judge(row, c, now_ms()) {
         Some(Attempt::Answer(a)) => Opened::Answer(a),
-        _ => Opened::Held(Held { tx: Some(tx), _mark: None }),
+        _ => Opened::Held(Held {
+            tx: Some(tx),
+            _mark: None,
+        }),
     })
 }
 
@@ -348,22 +346,17 @@ pub(crate) async fn persist(
 
 /// What a request that lost its key at the end (see [`record`]) tells its client: the stored
 /// response, a refusal, or 409.
-pub(crate) async fn answer(db: &Db, scope: &str, key: &IdempotencyKey, fingerprint: &str) -> Result<Claim, sqlx::Error> {
-    const READ: &str = "SELECT fingerprint, status, headers, body, token, locked_until, expires_at
+pub(crate) async fn answer(
+    db: &Db,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+) -> Result<Claim, sqlx::Error> {
+    const READ: &str = "SELECT CAST(0 AS BIGINT), fingerprint, status, headers, body, token, locked_until, expires_at
         FROM seaport_idempotency_keys WHERE scope = $1 AND key = $2";
-    type Row = (String, i64, String, Vec<u8>, String, i64, i64);
-    let row: Option<Row> = crate::on_pool!(db, p => sqlx::query_as(READ).bind(scope).bind(key.as_str()).fetch_optional(p).await)?;
-    let row = row.map(
-        |(fingerprint, status, headers, body, token, locked_until, expires_at)| Existing {
-            fingerprint,
-            status,
-            headers,
-            body,
-            token,
-            locked_until,
-            expires_at,
-        },
-    );
+    let row: Option<RowOf<i64>> =
+        crate::on_pool!(db, p => sqlx::query_as(READ).bind(scope).bind(key.as_str()).fetch_optional(p).await)?;
+    let row = row.and_then(|row| split(row).1);
     let c = Claiming::new(scope, key, fingerprint, "", Duration::ZERO, Duration::ZERO);
     Ok(match judge(row, &c, now_ms()) {
         Some(Attempt::Answer(a)) => a,
@@ -925,6 +918,7 @@ mod races {
         racing_claims_of_an_expired_key_have_one_winner,
         racing_takeovers_of_an_abandoned_claim_have_one_winner,
         claims_leave_pooled_connections_durable,
+        a_lost_key_is_answered_as_a_duplicate_would_be,
     );
 
     fn key(k: &str) -> IdempotencyKey {
@@ -1073,6 +1067,24 @@ mod races {
                 }
             }
         }
+        f.cleanup().await;
+    }
+
+    /// What a request that found its key taken at the end tells its client (`answer`).
+    async fn a_lost_key_is_answered_as_a_duplicate_would_be(kind: Kind) {
+        let f = Fixture::new(kind).await;
+        assert_eq!(answer(&f.db, "s", &key("k"), "fp").await.unwrap(), Claim::InFlight);
+        let Claim::Claimed(token) = claim(&f.db, "s", &key("k"), "fp", HOUR, HOUR).await.unwrap() else {
+            panic!("a new key is claimed");
+        };
+        assert_eq!(answer(&f.db, "s", &key("k"), "fp").await.unwrap(), Claim::InFlight);
+        assert!(finish(&f.db, "k", &token, b"done").await);
+        let replay = answer(&f.db, "s", &key("k"), "fp").await.unwrap();
+        assert!(
+            matches!(&replay, Claim::Replay(r) if r.body == b"done" && r.status == 201),
+            "{replay:?}"
+        );
+        assert_eq!(answer(&f.db, "s", &key("k"), "other").await.unwrap(), Claim::Mismatch);
         f.cleanup().await;
     }
 }

@@ -38,8 +38,8 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tower::{Layer, Service};
 
 use super::idempotency::{
-    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Opened, answer, fingerprint, open, persist, record, release,
-    store_response,
+    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Opened, answer, fingerprint, open, persist, record,
+    release, store_response,
 };
 use super::problem::Problem;
 use crate::store::{Db, Tx};
