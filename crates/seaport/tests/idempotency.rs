@@ -289,7 +289,9 @@ fn gated_router(
             let (mut open, calls) = (open.clone(), calls.clone());
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(first).await;
+                if !first.is_zero() {
+                    tokio::time::sleep(first).await;
+                }
                 {
                     let mut tx = tx.get().await?;
                     on_conn!(&mut *tx, c => sqlx::query("INSERT INTO things (body) VALUES ($1)").bind(&body).execute(c).await.map(|_| ()))?;

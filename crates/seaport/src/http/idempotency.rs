@@ -192,7 +192,20 @@ pub async fn claim(
     retention: Duration,
     lease: Duration,
 ) -> Result<Claim, sqlx::Error> {
-    let token = new_token();
+    claim_as(db, scope, key, fingerprint, retention, lease, new_token()).await
+}
+
+/// [`claim`] under a token chosen by the caller (who may need to release it before knowing
+/// whether the claim was written).
+async fn claim_as(
+    db: &Db,
+    scope: &str,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+    retention: Duration,
+    lease: Duration,
+    token: String,
+) -> Result<Claim, sqlx::Error> {
     let c = Claiming::new(scope, key, fingerprint, &token, retention, lease);
     // Another attempt is needed only when the key changed hands between our read and our write
     // (a racing request claimed it, or its row was deleted meanwhile), or when a pooled
@@ -220,7 +233,8 @@ pub async fn claim(
 
 const CLAIM_ATTEMPTS: usize = 3;
 
-fn new_token() -> String {
+/// A new claim token (unique, so it alone names one claim).
+pub(crate) fn new_token() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
@@ -289,6 +303,18 @@ const PG_OPEN: &str = "SELECT o_held, o_fingerprint, o_status, o_headers, o_body
 /// makes the read current, and a database whose default is stricter would read as of `BEGIN`.
 const PG_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
+/// A write transaction for the layer's handler: on PostgreSQL at READ COMMITTED, as the held
+/// one is, so that a handler sees the same level whichever path it took.
+pub(crate) async fn begin(db: &Db) -> Result<crate::store::Tx, sqlx::Error> {
+    use sqlx::SqlSafeStr;
+    match db {
+        Db::Postgres(p) => Ok(crate::store::Tx::Postgres(
+            sqlx::Transaction::begin(p.pool().acquire().await?, Some(PG_BEGIN.into_sql_str())).await?,
+        )),
+        Db::Sqlite(_) => db.begin_write().await,
+    }
+}
+
 async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result<Opened, sqlx::Error> {
     use sqlx::SqlSafeStr;
     let conn = pooled(pool, checked).await?;
@@ -317,7 +343,9 @@ async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result
 /// not keep a PostgreSQL connection (and its transaction) open meanwhile, and on SQLite other
 /// processes must see it taken. PostgreSQL: the claim statement in the held transaction, which
 /// commits it and lets the lock go (the claim row now guards the key). SQLite: [`claim`]; the
-/// mark stays until the request ends.
+/// mark stays until the request ends. The claim is written under `token`, which the caller
+/// chose beforehand so that it can release the claim if it is dropped halfway.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn persist(
     db: &Db,
     held: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
@@ -326,11 +354,11 @@ pub(crate) async fn persist(
     fingerprint: &str,
     retention: Duration,
     lease: Duration,
+    token: String,
 ) -> Result<Claim, sqlx::Error> {
     let Some(mut tx) = held else {
-        return claim(db, scope, key, fingerprint, retention, lease).await;
+        return claim_as(db, scope, key, fingerprint, retention, lease, token).await;
     };
-    let token = new_token();
     let c = Claiming::new(scope, key, fingerprint, &token, retention, lease);
     match claim_pg_on(&mut tx, &c).await? {
         Attempt::Claimed => {

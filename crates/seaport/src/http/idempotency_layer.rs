@@ -38,8 +38,8 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tower::{Layer, Service};
 
 use super::idempotency::{
-    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Opened, answer, fingerprint, open, persist, record,
-    release, store_response,
+    Claim, DEFAULT_LEASE, DEFAULT_RETENTION, IdempotencyKey, Opened, answer, begin, fingerprint, new_token, open,
+    persist, record, release, store_response,
 };
 use super::problem::Problem;
 use crate::store::{Db, Tx};
@@ -143,6 +143,8 @@ pub struct IdempotencyService<S> {
 /// and on SQLite do not begin another write transaction while holding it (one writer at a time:
 /// the second would wait for the first forever).
 ///
+/// On PostgreSQL it is a READ COMMITTED transaction, whatever the database's default.
+///
 /// Ask for it as soon as the handler knows it will write: on PostgreSQL it is the transaction
 /// that already holds the key, and the request then commits once. A handler that has not asked
 /// within [`HOLD_BEFORE_CLAIM`] (it calls out first, say) gets its key claimed durably instead,
@@ -204,7 +206,7 @@ impl IdempotentTx {
             };
             *guard = Some(match held {
                 Some(tx) => Tx::Postgres(tx),
-                None => self.db.begin_write().await?,
+                None => begin(&self.db).await?,
             });
         }
         Ok(MutexGuard::map(guard, |t| t.as_mut().expect("set above")))
@@ -363,18 +365,26 @@ where
             () = tokio::time::sleep(HOLD_BEFORE_CLAIM) => {
                 // The handler is not polled meanwhile, so it cannot ask while the key is claimed.
                 if let Some(waiting) = tx.stop_waiting() {
-                    match persist(&config.db, waiting, &scope, &key, &fp, config.retention, config.lease).await {
-                        Ok(Claim::Claimed(token)) => {
-                            claimed = Some(DurableClaim {
-                                db: config.db.clone(),
-                                scope: scope.clone(),
-                                key: key.clone(),
-                                token,
-                                open: true,
-                            })
-                        }
+                    // Armed before the claim is written: if this request is dropped while it is
+                    // being written, it is released all the same (releasing a claim that was
+                    // never written does nothing).
+                    let mut guard = DurableClaim {
+                        db: config.db.clone(),
+                        scope: scope.clone(),
+                        key: key.clone(),
+                        token: new_token(),
+                        open: true,
+                    };
+                    let token = guard.token.clone();
+                    match persist(&config.db, waiting, &scope, &key, &fp, config.retention, config.lease, token).await {
+                        Ok(Claim::Claimed(_)) => claimed = Some(guard),
                         // Answered before the handler wrote anything: it is dropped unfinished.
-                        Ok(other) => return answer_response(other),
+                        Ok(other) => {
+                            guard.open = false;
+                            return answer_response(other);
+                        }
+                        // The claim may have committed although its answer was lost: the guard
+                        // releases it.
                         Err(e) => return Problem::internal(e).into_response(),
                     }
                 }
@@ -410,7 +420,7 @@ where
     let headers = serde_json::to_string(&headers).expect("strings serialise");
     let mut t = match open_tx {
         Some(t) => t,
-        None => match config.db.begin_write().await {
+        None => match begin(&config.db).await {
             Ok(t) => t,
             Err(e) => {
                 give_back(None, claimed.as_mut()).await;
@@ -465,9 +475,12 @@ async fn give_back(open: Option<Tx>, claim: Option<&mut DurableClaim>) {
         let _ = t.rollback().await;
     }
     if let Some(c) = claim {
-        c.open = false;
-        if let Err(e) = release(&c.db, &c.scope, &c.key, &c.token).await {
-            tracing::warn!(error = %e, "could not release an idempotency key; it frees itself after its lease");
+        // Still open until released: if this is dropped meanwhile, the guard releases it.
+        match release(&c.db, &c.scope, &c.key, &c.token).await {
+            Ok(()) => c.open = false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release an idempotency key; it frees itself after its lease")
+            }
         }
     }
 }
