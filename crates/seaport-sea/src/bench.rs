@@ -64,6 +64,9 @@ pub struct BenchReport {
     pub raw_consume_per_sec: f64,
     pub consumer_per_sec: f64,
     pub consumer_vs_raw: f64,
+    /// The per-event handler with unconfirmed acks (`JetStreamBroker::confirm_acks(false)`).
+    pub consumer_unconfirmed_per_sec: f64,
+    pub consumer_unconfirmed_vs_raw: f64,
     /// The same with a handler that writes a batch's effects in one statement.
     pub consumer_batch_per_sec: f64,
     pub consumer_batch_vs_raw: f64,
@@ -432,24 +435,34 @@ async fn consumer_phase(
     relay_root: &str,
     total: usize,
     batch_handler: bool,
+    confirm_acks: bool,
     cpu: &mut Vec<CpuPhase>,
 ) -> anyhow::Result<f64> {
-    let (durable, table, phase) = if batch_handler {
-        ("bench_consumer_batch", "bench_effects_batch", "consumer (batch)")
-    } else {
-        ("bench_consumer", "bench_effects", "consumer runner")
-    };
-    let (create, count): (&'static str, &'static str) = if batch_handler {
-        (
-            "CREATE TABLE bench_effects_batch (event_id TEXT PRIMARY KEY)",
-            "SELECT COUNT(*) FROM bench_effects_batch",
-        )
-    } else {
-        (
-            "CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)",
-            "SELECT COUNT(*) FROM bench_effects",
-        )
-    };
+    let (durable, table, phase, create, count): (_, _, _, &'static str, &'static str) =
+        match (batch_handler, confirm_acks) {
+            (true, _) => (
+                "bench_consumer_batch",
+                "bench_effects_batch",
+                "consumer (batch)",
+                "CREATE TABLE bench_effects_batch (event_id TEXT PRIMARY KEY)",
+                "SELECT COUNT(*) FROM bench_effects_batch",
+            ),
+            (false, true) => (
+                "bench_consumer",
+                "bench_effects",
+                "consumer runner",
+                "CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)",
+                "SELECT COUNT(*) FROM bench_effects",
+            ),
+            (false, false) => (
+                "bench_consumer_unconfirmed",
+                "bench_effects_unconfirmed",
+                "consumer (unconfirmed acks)",
+                "CREATE TABLE bench_effects_unconfirmed (event_id TEXT PRIMARY KEY)",
+                "SELECT COUNT(*) FROM bench_effects_unconfirmed",
+            ),
+        };
+    let broker = &Arc::new(JetStreamBroker::clone(broker).confirm_acks(confirm_acks));
     sqlx::query(create).execute(store.pool()).await?;
     let mut runner_config = RunnerConfig::new(ConsumerConfig::new(durable, format!("{relay_root}.>")));
     runner_config.batch_size = WINDOW;
@@ -724,12 +737,30 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             &relay_root,
             events.len(),
             false,
+            true,
             &mut cpu,
         )
         .await?;
         eprintln!(
             "consumer runner, per-event handler: {consume_rate:.0}/s ({:.2}x raw)",
             consume_rate / raw_consume_rate
+        );
+        // The same with acks that do not wait for the server's confirmation.
+        let consume_unconfirmed_rate = consumer_phase(
+            &db,
+            &store,
+            &broker,
+            &relay_stream,
+            &relay_root,
+            events.len(),
+            false,
+            false,
+            &mut cpu,
+        )
+        .await?;
+        eprintln!(
+            "consumer runner, per-event handler, unconfirmed acks: {consume_unconfirmed_rate:.0}/s ({:.2}x raw)",
+            consume_unconfirmed_rate / raw_consume_rate
         );
         let consume_batch_rate = consumer_phase(
             &db,
@@ -738,6 +769,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             &relay_stream,
             &relay_root,
             events.len(),
+            true,
             true,
             &mut cpu,
         )
@@ -796,6 +828,8 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             raw_consume_per_sec: raw_consume_rate,
             consumer_per_sec: consume_rate,
             consumer_vs_raw: consume_rate / raw_consume_rate,
+            consumer_unconfirmed_per_sec: consume_unconfirmed_rate,
+            consumer_unconfirmed_vs_raw: consume_unconfirmed_rate / raw_consume_rate,
             consumer_batch_per_sec: consume_batch_rate,
             consumer_batch_vs_raw: consume_batch_rate / raw_consume_rate,
             latency_rate_per_sec: config.rate,
@@ -873,6 +907,10 @@ pub fn print(report: &BenchReport, json: bool) {
     println!(
         "  consumer runner (inbox+effect)  : {:>10.0} msgs/s  ({:.2}x raw)",
         report.consumer_per_sec, report.consumer_vs_raw
+    );
+    println!(
+        "  same, unconfirmed acks          : {:>10.0} msgs/s  ({:.2}x raw)",
+        report.consumer_unconfirmed_per_sec, report.consumer_unconfirmed_vs_raw
     );
     println!(
         "  same, batch handler             : {:>10.0} msgs/s  ({:.2}x raw)",

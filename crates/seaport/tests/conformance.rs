@@ -1337,3 +1337,56 @@ async fn batch_handler_writes_a_batch_at_once_and_falls_back_per_event_on_failur
     }
     f.cleanup().await;
 }
+
+/// `JetStreamBroker::confirm_acks(false)`: acks no longer wait for the server's confirmation,
+/// and still every message ends settled on the server, with one effect each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfirmed_acks_settle_every_message_once() {
+    let f = setup(Kind::PgJetStream).await;
+    let broker = Arc::new(
+        seaport::broker::jetstream::JetStreamBroker::connect(&seaport::testing::nats_url())
+            .await
+            .unwrap()
+            .confirm_acks(false),
+    );
+    let events: Vec<Event> = (0..40).map(|n| event(&f, &format!("k{n}"), n)).collect();
+    let messages: Vec<OutgoingMessage> = events
+        .iter()
+        .map(|e| OutgoingMessage {
+            id: e.id.clone(),
+            subject: e.ty.clone(),
+            headers: BTreeMap::new(),
+            payload: e.to_json().into(),
+        })
+        .collect();
+    for published in broker.publish(&messages).await {
+        published.unwrap();
+    }
+    let mut cfg = RunnerConfig::new(ConsumerConfig::new("unconfirmed", format!("{}.>", f.root)));
+    cfg.batch_size = 8;
+    let runner = ConsumerRunner::new(
+        f.db.clone(),
+        broker.clone(),
+        &f.stream,
+        cfg,
+        Arc::new(Recorder::new("w")),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runner.run(stopped));
+    wait_for("every message settled on the server", async || {
+        broker
+            .consumer_state(&f.stream, "unconfirmed")
+            .await
+            .unwrap()
+            .is_some_and(|s| s.pending == 0 && s.ack_pending == 0)
+    })
+    .await;
+    let mut done: Vec<String> = effects(&f, "unconfirmed").await.into_iter().map(|(id, _)| id).collect();
+    done.sort();
+    let mut want: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    want.sort();
+    assert_eq!(done, want, "one effect per message");
+    let _ = stop.send(true);
+    task.await.unwrap().unwrap();
+    f.cleanup().await;
+}
