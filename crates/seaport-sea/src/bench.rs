@@ -394,6 +394,7 @@ impl Handler for Effect {
     async fn handle(&self, ctx: &mut HandlerContext<'_>, event: &Event) -> Result<(), HandlerError> {
         let sql = match self.table {
             "bench_effects_batch" => "INSERT INTO bench_effects_batch (event_id) VALUES ($1)",
+            "bench_effects_unconfirmed" => "INSERT INTO bench_effects_unconfirmed (event_id) VALUES ($1)",
             _ => "INSERT INTO bench_effects (event_id) VALUES ($1)",
         };
         seaport::on_conn!(ctx.tx().await?, c => sqlx::query(sql)
@@ -412,6 +413,9 @@ impl Handler for Effect {
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
         let sql = match self.table {
             "bench_effects_batch" => "INSERT INTO bench_effects_batch (event_id) SELECT * FROM UNNEST($1::text[])",
+            "bench_effects_unconfirmed" => {
+                "INSERT INTO bench_effects_unconfirmed (event_id) SELECT * FROM UNNEST($1::text[])"
+            }
             _ => "INSERT INTO bench_effects (event_id) SELECT * FROM UNNEST($1::text[])",
         };
         match ctx.tx().await? {
