@@ -1390,3 +1390,108 @@ async fn unconfirmed_acks_settle_every_message_once() {
     task.await.unwrap().unwrap();
     f.cleanup().await;
 }
+
+/// The fixture's broker, stopping the relay at message `at` until told to go on.
+struct Gated {
+    inner: Arc<dyn Broker>,
+    at: String,
+    reached: tokio::sync::Notify,
+    go: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl Broker for Gated {
+    async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), BrokerError> {
+        self.inner.ensure_stream(name, subjects).await
+    }
+    async fn publish(&self, messages: &[OutgoingMessage]) -> Vec<Result<PublishAck, BrokerError>> {
+        let mut out = Vec::new();
+        for pending in self.send(messages).await {
+            out.push(pending.await);
+        }
+        out
+    }
+    async fn send(&self, messages: &[OutgoingMessage]) -> Vec<PendingPublish> {
+        let mut out: Vec<PendingPublish> = Vec::new();
+        for m in messages {
+            if m.id == self.at {
+                self.reached.notify_one();
+                let _go = self.go.acquire().await.unwrap();
+            }
+            out.extend(self.inner.send(std::slice::from_ref(m)).await);
+        }
+        out
+    }
+    async fn subscribe(&self, stream: &str, config: ConsumerConfig) -> Result<Box<dyn Subscription>, BrokerError> {
+        self.inner.subscribe(stream, config).await
+    }
+    async fn consumer_state(
+        &self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<Option<seaport::broker::ConsumerState>, BrokerError> {
+        self.inner.consumer_state(stream, durable).await
+    }
+}
+
+/// The relay's claim horizon (PostgreSQL) never passes a row that can still commit. A writer
+/// takes the lowest seq and commits only after a drain has claimed far beyond it, then its key
+/// gets a second event: the first must still go out first, within the same drain. A drain that
+/// simply started each claim above the previous one would publish the second first (checked
+/// by mutation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_commits_behind_the_relay_still_goes_out_before_its_key_goes_on() {
+    let f = setup(Kind::PgJetStream).await;
+    let outbox = Outbox::new();
+    let first = event(&f, "late", 0);
+    let mut late = f.db.begin_write().await.unwrap();
+    outbox.insert(&mut late, &first).await.unwrap();
+    let others = write_keyed(&f, &["a", "b", "c", "d"], 50).await;
+    let broker = Arc::new(Gated {
+        inner: f.broker.clone(),
+        at: others[120].id.clone(),
+        reached: tokio::sync::Notify::new(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    let mut relay = Relay::new(
+        f.db.clone(),
+        broker.clone(),
+        RelayConfig {
+            batch_size: 10,
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let drain = tokio::spawn(async move {
+        let pass = relay.drain().await.unwrap();
+        (relay, pass)
+    });
+    // A dozen claims are made and the relay waits at the gate, past the late row's seq.
+    broker.reached.notified().await;
+    late.commit().await.unwrap();
+    let second = event(&f, "late", 1);
+    let mut tx = f.db.begin_write().await.unwrap();
+    outbox.insert(&mut tx, &second).await.unwrap();
+    tx.commit().await.unwrap();
+    broker.go.add_permits(1);
+    let (mut relay, pass) = drain.await.unwrap();
+    assert_eq!(pass.failed, 0);
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
+        0,
+        "the drain published the late row too (published {})",
+        pass.published
+    );
+    while relay.drain().await.unwrap().published > 0 {}
+    let ids = stream_ids(&f, "horizon_check", others.len() + 2).await;
+    let at = |id: &str| ids.iter().position(|i| i == id).expect("published");
+    assert!(
+        at(&first.id) < at(&second.id),
+        "the late row went out after its key's next event"
+    );
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), others.len() + 2, "every event once");
+    f.cleanup().await;
+}

@@ -299,15 +299,20 @@ async fn hot_statements_keep_index_plans_when_first_planned_on_empty_tables() {
     run(
         &mut conn,
         format!(
-            "PREPARE claim(bigint[], bigint) AS {}",
+            "PREPARE claim(bigint[], bigint, bigint) AS {}",
             seaport::outbox::relay::CLAIM_SQL
         ),
     )
     .await;
-    let explain_claim = || sqlx::query_scalar::<_, String>("EXPLAIN EXECUTE claim('{0,1,2,3}', 256)");
+    // From the middle of the backlog, as a drain's claims start above its horizon.
+    let explain_claim = || sqlx::query_scalar::<_, String>("EXPLAIN EXECUTE claim('{0,1,2,3}', 256, 10000)");
     for _ in 0..8 {
         run(&mut conn, seaport::outbox::relay::CLAIM_BEGIN).await;
-        run(&mut conn, "EXECUTE claim('{0,1,2,3}', 256); ROLLBACK").await;
+        run(
+            &mut conn,
+            "EXECUTE claim('{0,1,2,3}', 256, -9223372036854775808); ROLLBACK",
+        )
+        .await;
     }
     run(
         &mut conn,
@@ -319,8 +324,11 @@ async fn hot_statements_keep_index_plans_when_first_planned_on_empty_tables() {
     let claim = plan(explain_claim().fetch_all(&mut *conn).await.unwrap());
     run(&mut conn, "ROLLBACK").await;
     assert!(
-        claim.contains("seaport_outbox_pkey") && !claim.contains("Sort") && !claim.contains("Seq Scan"),
-        "the claim must walk the primary key in seq order and stop at the limit:\n{claim}"
+        claim.contains("seaport_outbox_pkey")
+            && claim.contains("Index Cond: (seq > $3)")
+            && !claim.contains("Sort")
+            && !claim.contains("Seq Scan"),
+        "the claim must walk the primary key in seq order from its horizon and stop at the limit:\n{claim}"
     );
     run(&mut conn, "DEALLOCATE ALL").await;
     drop(conn);

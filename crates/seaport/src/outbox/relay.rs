@@ -58,19 +58,25 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO off; \
      SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off";
 
-/// The claim: the oldest rows of the partitions `$1`, at most `$2`, deleted and returned, in a
-/// transaction that commits only once the broker confirmed them. `SKIP LOCKED` passes over rows
-/// claimed by a transaction still open (the batch being published). `= ANY(ARRAY(…))` makes the
-/// delete a primary-key lookup per claimed row; as a join, PostgreSQL may hash it against a scan
-/// of the whole table.
+/// The claim: the oldest rows of the partitions `$1` above seq `$3` (the drain's horizon, see
+/// [`Horizon`]), at most `$2`, deleted and returned, in a transaction that commits only once the
+/// broker confirmed them. `SKIP LOCKED` passes over rows claimed by a transaction still open
+/// (the batch being published). `= ANY(ARRAY(…))` makes the delete a primary-key lookup per
+/// claimed row; as a join, PostgreSQL may hash it against a scan of the whole table.
+///
+/// Each row also carries the claim's own transaction id and the statement's snapshot (which
+/// transactions were still running when it looked); they move the horizon. Only the first row's
+/// are read.
 #[doc(hidden)]
 pub const CLAIM_SQL: &str = "DELETE FROM seaport_outbox
      WHERE seq = ANY(ARRAY(
          SELECT seq FROM seaport_outbox
-         WHERE partition = ANY($1)
+         WHERE partition = ANY($1) AND seq > $3
          ORDER BY seq LIMIT $2
          FOR UPDATE SKIP LOCKED))
-     RETURNING seq, event_id, topic, envelope, traceparent";
+     RETURNING seq, event_id, topic, envelope, traceparent,
+         (SELECT pg_current_xact_id()::text::bigint),
+         (SELECT pg_current_snapshot()::text)";
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -141,7 +147,7 @@ impl Relay {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
         if self.partitions.is_some() {
-            let Some(claim) = self.claim().await? else {
+            let Some(claim) = self.claim(Horizon::START).await? else {
                 return Ok(RelayPass::default());
             };
             let (confirmed, failed) = self.publish(&claim.batch).await;
@@ -204,7 +210,10 @@ impl Relay {
         }
         let broker = self.broker.clone();
         let mut pipeline = Pipeline::new(self.config.batch_size.max(1));
-        let mut next = self.claim().await;
+        // Per drain: its partitions do not change until it ends, and a drain ends at the first
+        // refusal, error or rollback, the only ways a claimed row can come back.
+        let mut horizon = Horizon::default();
+        let mut next = self.claim(horizon.seq).await;
         loop {
             let claim = match next {
                 Ok(Some(c)) => c,
@@ -214,7 +223,8 @@ impl Relay {
                     break;
                 }
             };
-            let ((), claimed) = tokio::join!(pipeline.send(&*broker, claim), self.claim());
+            horizon.claimed(&claim);
+            let ((), claimed) = tokio::join!(pipeline.send(&*broker, claim), self.claim(horizon.seq));
             // A drain under steady load never runs dry: hand back to `run` when partitions are
             // due for a rebalance, so other relays can get their share.
             let rebalance = self
@@ -266,9 +276,9 @@ impl Relay {
         Ok(Batch::from_rows(rows.iter().map(decode).collect()))
     }
 
-    /// PostgreSQL: claim the oldest rows of the owned partitions, deleted in a transaction left
-    /// open until [`Claim::settle`]; `None` if there are none.
-    async fn claim(&self) -> Result<Option<Claim>, sqlx::Error> {
+    /// PostgreSQL: claim the oldest rows of the owned partitions with a seq above `after`,
+    /// deleted in a transaction left open until [`Claim::settle`]; `None` if there are none.
+    async fn claim(&self, after: i64) -> Result<Option<Claim>, sqlx::Error> {
         let (Db::Postgres(p), Some(locks)) = (&self.db, &self.partitions) else {
             unreachable!("only PostgreSQL relays claim rows")
         };
@@ -280,18 +290,23 @@ impl Relay {
         let rows = sqlx::query(CLAIM_SQL)
             .bind(&owned)
             .bind(self.config.batch_size as i64)
+            .bind(after)
             .fetch_all(&mut *tx)
             .await?;
-        if rows.is_empty() {
+        let Some(first) = rows.first() else {
             tx.rollback().await?;
             return Ok(None);
-        }
+        };
+        let xid: i64 = first.try_get(5)?;
+        let snapshot = Snapshot::parse(first.try_get(6)?);
         let mut batch = Batch::from_rows(rows.iter().map(decode).collect());
         // RETURNING follows no order; publish in seq order.
         batch.sort();
         Ok(Some(Claim {
             tx,
             batch,
+            xid,
+            snapshot,
             db: self.db.clone(),
         }))
     }
@@ -418,7 +433,134 @@ where
 struct Claim {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     batch: Batch,
+    /// The claim's transaction id.
+    xid: i64,
+    /// Which transactions were running when the claim looked (`None`: unreadable, and then the
+    /// claim moves no horizon).
+    snapshot: Option<Snapshot>,
     db: Db,
+}
+
+/// A PostgreSQL snapshot as `pg_current_snapshot()::text` prints it: `xmin:xmax:xip,…`.
+#[derive(Clone, Debug, PartialEq)]
+struct Snapshot {
+    /// Every transaction id below this had ended.
+    xmin: i64,
+    /// Transaction ids from this one on count as still running.
+    xmax: i64,
+    /// Transaction ids between the two still running.
+    xip: Vec<i64>,
+}
+
+impl Snapshot {
+    fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list.split(',').map(str::parse).collect::<Result<_, _>>().ok()?,
+        };
+        parts.next().is_none().then_some(Snapshot { xmin, xmax, xip })
+    }
+
+    /// Had transaction `xid` ended (committed or rolled back) when the snapshot was taken?
+    fn ended(&self, xid: i64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
+
+/// The claim horizon of a PostgreSQL drain: a seq at or below which no row can be waiting for
+/// it, so that each claim starts its scan above it instead of at the start of the outbox.
+///
+/// **Why.** A claim walks the primary key in seq order. Without a starting point it passes, on
+/// every claim, over the rows of the claims before it: rows still locked by the claims in
+/// flight, and the index entries of rows already deleted. That was half of PostgreSQL's work per
+/// event in the relay benchmark (BENCHMARKS.md, fifth round).
+///
+/// **Why not simply the last claim's highest seq.** A row below it may still commit: its writer
+/// took its seq earlier and commits later. Starting above it would publish that key's later rows
+/// first (tests `a_row_that_commits_behind_the_relay_still_goes_out_before_its_key_goes_on`,
+/// `two_relays_and_two_workers_keep_per_key_order_and_exactly_once_effects`).
+///
+/// **When a claim's highest seq `M` becomes safe.** A writer of a row with a seq up to `M` took
+/// its transaction id before its seq (the outbox's seq default, migration `20261127000009`),
+/// hence before `M` was taken (seqs are handed out in order: no sequence cache), before `M`
+/// committed, and before the claim that returned `M` looked, and assigned its own id `X`. So
+/// when that claim looked, such a writer had ended, or was running: listed in its snapshot, or
+/// with an id from the snapshot's `xmax` up to `X` (PostgreSQL counts those as "not yet
+/// started"). Those are the ids the claim *waits for*, less the drain's own claims, which only
+/// delete. Once a claim (the same one or a later one) finds them all ended, no row up to `M` can
+/// still appear, and every one that did was visible to that claim. That claim took every visible
+/// unclaimed row above the horizon up to its own highest seq `H`, so the horizon can move to
+/// `min(M, H)`. On an otherwise idle database a claim waits for nothing and moves the horizon to
+/// its own highest seq at once.
+///
+/// Every row below the horizon has therefore been claimed by this drain. A claimed row comes back
+/// only if its claim rolls back, which ends the drain (a refusal, an error or a rebalance); the
+/// next drain starts from the beginning. A long transaction elsewhere on the database only holds
+/// the horizon where it is: claims then scan from there, as all did before.
+#[derive(Debug)]
+struct Horizon {
+    /// Claims start above this seq.
+    seq: i64,
+    /// Claims not yet known safe: their highest seq and the transaction ids they wait for.
+    pending: VecDeque<(i64, Vec<i64>)>,
+    /// This drain's latest claims' transaction ids.
+    own: VecDeque<i64>,
+}
+
+impl Horizon {
+    /// Below every seq.
+    const START: i64 = i64::MIN;
+    /// Claims remembered; one forgotten only leaves the horizon lower than it could be.
+    const REMEMBERED: usize = 64;
+    /// A claim that would wait for more transaction ids than this never moves the horizon.
+    const MAX_WAIT: i64 = 4096;
+
+    /// A claim came back: remember it, and move the horizon over every claim it proves safe.
+    fn claimed(&mut self, claim: &Claim) {
+        if let (Some(&highest), Some(snapshot)) = (claim.batch.seqs.last(), &claim.snapshot) {
+            self.advance(highest, claim.xid, snapshot);
+        }
+    }
+
+    /// A claim with transaction id `xid` and snapshot `snapshot` returned seqs up to `highest`.
+    fn advance(&mut self, highest: i64, xid: i64, snapshot: &Snapshot) {
+        if self.own.len() == Self::REMEMBERED {
+            self.own.pop_front();
+        }
+        self.own.push_back(xid);
+        if xid - snapshot.xmax <= Self::MAX_WAIT {
+            let waits: Vec<i64> = (snapshot.xip.iter().copied())
+                .chain(snapshot.xmax..xid)
+                .filter(|x| !self.own.contains(x))
+                .collect();
+            if self.pending.len() == Self::REMEMBERED {
+                self.pending.pop_front();
+            }
+            self.pending.push_back((highest, waits));
+        }
+        let proven = (self.pending.iter())
+            .filter(|(_, waits)| waits.iter().all(|x| snapshot.ended(*x)))
+            .map(|(seq, _)| (*seq).min(highest))
+            .max();
+        if let Some(seq) = proven {
+            self.seq = self.seq.max(seq);
+        }
+        let horizon = self.seq;
+        self.pending.retain(|(seq, _)| *seq > horizon);
+    }
+}
+
+impl Default for Horizon {
+    fn default() -> Self {
+        Horizon {
+            seq: Self::START,
+            pending: VecDeque::new(),
+            own: VecDeque::new(),
+        }
+    }
 }
 
 impl Claim {
@@ -774,5 +916,78 @@ impl PartitionLocks {
             let _ = conn.close().await;
         }
         self.owned.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Horizon, Snapshot};
+
+    fn snap(xmin: i64, xmax: i64, xip: &[i64]) -> Snapshot {
+        Snapshot {
+            xmin,
+            xmax,
+            xip: xip.to_vec(),
+        }
+    }
+
+    #[test]
+    fn snapshots_parse_as_postgresql_prints_them() {
+        assert_eq!(Snapshot::parse("730:730:"), Some(snap(730, 730, &[])));
+        assert_eq!(Snapshot::parse("10:20:12,15"), Some(snap(10, 20, &[12, 15])));
+        for bad in ["", "10", "10:20", "10:20:x", "10:20:1:2", "10:20:1,"] {
+            assert_eq!(Snapshot::parse(bad), None, "{bad:?}");
+        }
+        let s = snap(10, 20, &[12, 15]);
+        assert!(s.ended(9) && s.ended(13) && s.ended(19));
+        assert!(!s.ended(12) && !s.ended(15) && !s.ended(20) && !s.ended(25));
+    }
+
+    #[test]
+    fn on_an_idle_database_a_claim_moves_the_horizon_to_its_highest_seq() {
+        let mut h = Horizon::default();
+        // Only the drain's own earlier claim (100) is running.
+        h.advance(50, 100, &snap(100, 100, &[]));
+        assert_eq!(h.seq, 50);
+        h.advance(90, 101, &snap(100, 101, &[100]));
+        assert_eq!(h.seq, 90);
+    }
+
+    #[test]
+    fn a_running_writer_holds_the_horizon_until_it_has_ended() {
+        let mut h = Horizon::default();
+        // Writer 95 is running: it may hold a seq up to 50.
+        h.advance(50, 100, &snap(95, 100, &[95]));
+        assert_eq!(h.seq, Horizon::START);
+        h.advance(80, 101, &snap(95, 101, &[95, 100]));
+        assert_eq!(h.seq, Horizon::START, "95 still running");
+        // 95 ended; this claim saw its rows, up to its own highest seq 70 (< 80).
+        h.advance(70, 103, &snap(101, 103, &[101]));
+        assert_eq!(
+            h.seq, 70,
+            "min(50, 70) from the first claim; the second waits for 95 too"
+        );
+        h.advance(120, 104, &snap(103, 104, &[]));
+        assert_eq!(h.seq, 120);
+    }
+
+    #[test]
+    fn ids_assigned_after_the_snapshot_are_waited_for_until_a_later_snapshot_sees_them_end() {
+        let mut h = Horizon::default();
+        // xmax 100 but the claim got 103: 100..=102 may be writers PostgreSQL counted as not
+        // yet started although they held a seq.
+        h.advance(50, 103, &snap(100, 100, &[]));
+        assert_eq!(h.seq, Horizon::START);
+        // 101 and 102 ended, 100 is still running.
+        h.advance(60, 104, &snap(100, 104, &[100, 103]));
+        assert_eq!(h.seq, Horizon::START);
+        // A snapshot whose xmax has not reached them cannot tell: still waiting.
+        let mut h2 = Horizon::default();
+        h2.advance(50, 103, &snap(100, 100, &[]));
+        h2.advance(60, 104, &snap(100, 101, &[]));
+        assert_eq!(h2.seq, Horizon::START);
+        // All ended; 105 (another writer) is running, so this claim's own 70 is not yet safe.
+        h.advance(70, 106, &snap(104, 106, &[104, 105]));
+        assert_eq!(h.seq, 60);
     }
 }
