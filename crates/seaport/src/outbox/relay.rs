@@ -178,8 +178,10 @@ impl Relay {
     /// oldest rows of the owned partitions, `RETURNING` them, in a transaction that stays open
     /// while they are published: nothing is committed before the broker confirmed it. While
     /// batch *n* is being published, batch *n+1* is claimed (its `FOR UPDATE SKIP LOCKED` passes
-    /// over the rows of batch *n*, locked by its open transaction: no cursor, so a late commit is
-    /// never skipped) and batch *n-1* commits.
+    /// over the rows of batch *n*, locked by its open transaction, and it starts above the
+    /// drain's [`Horizon`], which never passes a row that can still commit) and batch *n-1*
+    /// commits. A drain ends when a claim comes back empty, or after the claim made when its
+    /// partitions became due for a rebalance.
     /// Messages are sent in claim order, and in seq order within a claim, with up to a batch of
     /// them in flight at once across claims (see [`Pipeline`]); a claim commits once all of its
     /// messages are confirmed. A refused message stops the drain: nothing is sent after its
@@ -231,10 +233,22 @@ impl Relay {
                 .partitions
                 .as_ref()
                 .is_some_and(|l| l.due(self.config.rebalance_interval));
-            if pipeline.stopped() || rebalance {
+            if pipeline.stopped() {
                 // The claim made meanwhile is given back unpublished (rolled back).
                 if let Ok(Some(unused)) = claimed {
                     let _ = unused.tx.rollback().await;
+                }
+                break;
+            }
+            if rebalance {
+                // The claim made meanwhile is sent (its partitions are still this relay's):
+                // rolling it back would only have the next drain claim it again.
+                match claimed {
+                    Ok(Some(last)) => pipeline.send(&*broker, last).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        pipeline.error.get_or_insert(e);
+                    }
                 }
                 break;
             }
