@@ -1495,3 +1495,73 @@ async fn a_row_that_commits_behind_the_relay_still_goes_out_before_its_key_goes_
     assert_eq!(sorted.len(), others.len() + 2, "every event once");
     f.cleanup().await;
 }
+
+/// The horizon also waits for a writer that PostgreSQL's snapshot counts as not yet started
+/// (its transaction id at or above the snapshot's `xmax`, so not listed as running) although it
+/// already holds a seq. Writer B takes its id after A, inserts the lowest seq, and is still open
+/// when A commits and the relay's first claims look; then B commits and its key gets a second
+/// event. A horizon that trusted the snapshot's running list alone would pass B's row (checked
+/// by mutation; other activity on the server can only make this test cover less).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_postgresql_counts_as_not_yet_started_still_holds_the_horizon() {
+    let f = setup(Kind::PgJetStream).await;
+    let outbox = Outbox::new();
+    let take_xid = async |tx: &mut seaport::store::Tx| {
+        seaport::on_conn!(tx, c => sqlx::query("SELECT pg_current_xact_id()").execute(c).await.map(|_| ())).unwrap();
+    };
+    let mut a = f.db.begin_write().await.unwrap();
+    take_xid(&mut a).await;
+    let mut b = f.db.begin_write().await.unwrap();
+    take_xid(&mut b).await;
+    let first = event(&f, "late", 0);
+    outbox.insert(&mut b, &first).await.unwrap();
+    // A writes the rows the drain starts with. Written by any transaction that took its id after
+    // B, they would lift the snapshots' `xmax` over B, which would then be listed as running.
+    let gate_at = event(&f, "a", 0);
+    outbox.insert(&mut a, &gate_at).await.unwrap();
+    let others: Vec<Event> = (1..6).map(|n| event(&f, "o", n)).collect();
+    for e in &others {
+        outbox.insert(&mut a, e).await.unwrap();
+    }
+    a.commit().await.unwrap();
+    let broker = Arc::new(Gated {
+        inner: f.broker.clone(),
+        at: gate_at.id.clone(),
+        reached: tokio::sync::Notify::new(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    // One row per claim, so that the drain makes more claims while it waits at the gate.
+    let mut relay = Relay::new(
+        f.db.clone(),
+        broker.clone(),
+        RelayConfig {
+            batch_size: 1,
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let drain = tokio::spawn(async move {
+        let pass = relay.drain().await.unwrap();
+        (relay, pass)
+    });
+    broker.reached.notified().await;
+    b.commit().await.unwrap();
+    let second = event(&f, "late", 1);
+    let mut tx = f.db.begin_write().await.unwrap();
+    outbox.insert(&mut tx, &second).await.unwrap();
+    tx.commit().await.unwrap();
+    broker.go.add_permits(1);
+    let (mut relay, pass) = drain.await.unwrap();
+    assert_eq!(pass.failed, 0);
+    assert_eq!(
+        count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
+        0,
+        "the drain published B's row too (published {})",
+        pass.published
+    );
+    while relay.drain().await.unwrap().published > 0 {}
+    let ids = stream_ids(&f, "horizon_xmax_check", others.len() + 3).await;
+    let at = |id: &str| ids.iter().position(|i| i == id).expect("published");
+    assert!(at(&first.id) < at(&second.id), "B's row went out after its key's next event");
+    f.cleanup().await;
+}

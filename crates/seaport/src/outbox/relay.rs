@@ -55,7 +55,7 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// grows. Without those, the only plan left walks the primary key in seq order, stops at the
 /// limit, and deletes by primary key.
 #[doc(hidden)]
-pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO off; \
+pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; \
      SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off";
 
 /// The claim: the oldest rows of the partitions `$1` above seq `$3` (the drain's horizon, see
@@ -212,8 +212,10 @@ impl Relay {
         }
         let broker = self.broker.clone();
         let mut pipeline = Pipeline::new(self.config.batch_size.max(1));
-        // Per drain: its partitions do not change until it ends, and a drain ends at the first
-        // refusal, error or rollback, the only ways a claimed row can come back.
+        // Per drain: its partitions do not change until it ends. A claimed row comes back only
+        // when its claim rolls back: after a refusal or a short answer (the drain stops
+        // sending), or a claim whose commit failed (its messages were all confirmed already,
+        // so sending them again only makes duplicates, which the broker and inboxes drop).
         let mut horizon = Horizon::default();
         let mut next = self.claim(horizon.seq).await;
         loop {
@@ -243,12 +245,9 @@ impl Relay {
             if rebalance {
                 // The claim made meanwhile is sent (its partitions are still this relay's):
                 // rolling it back would only have the next drain claim it again.
-                match claimed {
-                    Ok(Some(last)) => pipeline.send(&*broker, last).await,
-                    Ok(None) => {}
-                    Err(e) => {
-                        pipeline.error.get_or_insert(e);
-                    }
+                // A claim that failed took nothing; the next drain tries again.
+                if let Ok(Some(last)) = claimed {
+                    pipeline.send(&*broker, last).await;
                 }
                 break;
             }
@@ -311,15 +310,17 @@ impl Relay {
             tx.rollback().await?;
             return Ok(None);
         };
-        let xid: i64 = first.try_get(5)?;
-        let snapshot = Snapshot::parse(first.try_get(6)?);
+        // Unreadable (never expected): the claim then only moves no horizon.
+        let snapshot = first
+            .try_get::<i64, _>(5)
+            .ok()
+            .zip(first.try_get::<&str, _>(6).ok().and_then(Snapshot::parse));
         let mut batch = Batch::from_rows(rows.iter().map(decode).collect());
         // RETURNING follows no order; publish in seq order.
         batch.sort();
         Ok(Some(Claim {
             tx,
             batch,
-            xid,
             snapshot,
             db: self.db.clone(),
         }))
@@ -447,11 +448,9 @@ where
 struct Claim {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     batch: Batch,
-    /// The claim's transaction id.
-    xid: i64,
-    /// Which transactions were running when the claim looked (`None`: unreadable, and then the
-    /// claim moves no horizon).
-    snapshot: Option<Snapshot>,
+    /// The claim's transaction id, and which transactions were running when it looked (`None`:
+    /// unreadable, and then the claim moves no horizon).
+    snapshot: Option<(i64, Snapshot)>,
     db: Db,
 }
 
@@ -511,9 +510,14 @@ impl Snapshot {
 /// its own highest seq at once.
 ///
 /// Every row below the horizon has therefore been claimed by this drain. A claimed row comes back
-/// only if its claim rolls back, which ends the drain (a refusal, an error or a rebalance); the
-/// next drain starts from the beginning. A long transaction elsewhere on the database only holds
-/// the horizon where it is: claims then scan from there, as all did before.
+/// only if its claim rolls back, after which the drain sends nothing more; the next drain starts
+/// from the beginning. A long transaction elsewhere on the database only holds the horizon where
+/// it is: claims then scan from there, as all did before.
+///
+/// **Assumed:** nothing but the relay of a partition locks or updates its outbox rows (`SKIP
+/// LOCKED` takes any skipped row as this drain's), and rows get their seq from the column
+/// default. Both held before the horizon too: a row locked by someone else was skipped then as
+/// well, and its key's later rows could go out first.
 #[derive(Debug)]
 struct Horizon {
     /// Claims start above this seq.
@@ -534,8 +538,8 @@ impl Horizon {
 
     /// A claim came back: remember it, and move the horizon over every claim it proves safe.
     fn claimed(&mut self, claim: &Claim) {
-        if let (Some(&highest), Some(snapshot)) = (claim.batch.seqs.last(), &claim.snapshot) {
-            self.advance(highest, claim.xid, snapshot);
+        if let (Some(&highest), Some((xid, snapshot))) = (claim.batch.seqs.last(), &claim.snapshot) {
+            self.advance(highest, *xid, snapshot);
         }
     }
 
@@ -692,8 +696,14 @@ impl Pipeline {
             let before = self.in_flight.len();
             self.in_flight
                 .extend(seqs[next..end].iter().zip(pending).map(|(seq, p)| (id, *seq, p)));
-            // A broker that answers fewer than it was given: the rest count as not sent.
-            self.claims.back_mut().expect("pushed above").sent += self.in_flight.len() - before;
+            // A broker that answers fewer than it was given: the rest count as not sent, and
+            // nothing more is sent (as after a refusal), so the drain ends and the claim's
+            // unsent rows come back before anything after them goes out.
+            let answered = self.in_flight.len() - before;
+            self.claims.back_mut().expect("pushed above").sent += answered;
+            if answered < end - next {
+                self.refused = true;
+            }
             next = end;
             self.take_ready().await;
         }
