@@ -1447,9 +1447,25 @@ async fn a_row_that_commits_behind_the_relay_still_goes_out_before_its_key_goes_
     let mut late = f.db.begin_write().await.unwrap();
     outbox.insert(&mut late, &first).await.unwrap();
     let others = write_keyed(&f, &["a", "b", "c", "d"], 50).await;
+    // A dozen claims are made and the relay waits at the gate, past the late row's seq.
+    late_commit_during_a_drain(&f, late, &first, &others[120].id, 10, others.len() + 2).await;
+    f.cleanup().await;
+}
+
+/// Drain with the relay stopped at message `gate_at`, and meanwhile commit `late` (which wrote
+/// `first`) and give `first`'s key its next event. Checks that the drain itself published the
+/// late row, before that next event, and each of the `total` events once.
+async fn late_commit_during_a_drain(
+    f: &Fixture,
+    late: seaport::store::Tx,
+    first: &Event,
+    gate_at: &str,
+    batch_size: usize,
+    total: usize,
+) {
     let broker = Arc::new(Gated {
         inner: f.broker.clone(),
-        at: others[120].id.clone(),
+        at: gate_at.to_owned(),
         reached: tokio::sync::Notify::new(),
         go: tokio::sync::Semaphore::new(0),
     });
@@ -1457,7 +1473,7 @@ async fn a_row_that_commits_behind_the_relay_still_goes_out_before_its_key_goes_
         f.db.clone(),
         broker.clone(),
         RelayConfig {
-            batch_size: 10,
+            batch_size,
             rebalance_interval: Duration::from_secs(3600),
             ..Default::default()
         },
@@ -1466,34 +1482,32 @@ async fn a_row_that_commits_behind_the_relay_still_goes_out_before_its_key_goes_
         let pass = relay.drain().await.unwrap();
         (relay, pass)
     });
-    // A dozen claims are made and the relay waits at the gate, past the late row's seq.
     broker.reached.notified().await;
     late.commit().await.unwrap();
-    let second = event(&f, "late", 1);
+    let second = event(f, first.subject.as_deref().unwrap(), 1);
     let mut tx = f.db.begin_write().await.unwrap();
-    outbox.insert(&mut tx, &second).await.unwrap();
+    Outbox::new().insert(&mut tx, &second).await.unwrap();
     tx.commit().await.unwrap();
     broker.go.add_permits(1);
     let (mut relay, pass) = drain.await.unwrap();
     assert_eq!(pass.failed, 0);
     assert_eq!(
-        count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
+        count(f, "SELECT COUNT(*) FROM seaport_outbox").await,
         0,
         "the drain published the late row too (published {})",
         pass.published
     );
     while relay.drain().await.unwrap().published > 0 {}
-    let ids = stream_ids(&f, "horizon_check", others.len() + 2).await;
+    let ids = stream_ids(f, "horizon_check", total).await;
     let at = |id: &str| ids.iter().position(|i| i == id).expect("published");
     assert!(
         at(&first.id) < at(&second.id),
         "the late row went out after its key's next event"
     );
-    let mut sorted = ids.clone();
-    sorted.sort();
-    sorted.dedup();
-    assert_eq!(sorted.len(), others.len() + 2, "every event once");
-    f.cleanup().await;
+    let mut once = ids.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(once.len(), total, "every event once");
 }
 
 /// The horizon also waits for a writer that PostgreSQL's snapshot counts as not yet started
@@ -1524,44 +1538,7 @@ async fn a_writer_postgresql_counts_as_not_yet_started_still_holds_the_horizon()
         outbox.insert(&mut a, e).await.unwrap();
     }
     a.commit().await.unwrap();
-    let broker = Arc::new(Gated {
-        inner: f.broker.clone(),
-        at: gate_at.id.clone(),
-        reached: tokio::sync::Notify::new(),
-        go: tokio::sync::Semaphore::new(0),
-    });
     // One row per claim, so that the drain makes more claims while it waits at the gate.
-    let mut relay = Relay::new(
-        f.db.clone(),
-        broker.clone(),
-        RelayConfig {
-            batch_size: 1,
-            rebalance_interval: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    );
-    let drain = tokio::spawn(async move {
-        let pass = relay.drain().await.unwrap();
-        (relay, pass)
-    });
-    broker.reached.notified().await;
-    b.commit().await.unwrap();
-    let second = event(&f, "late", 1);
-    let mut tx = f.db.begin_write().await.unwrap();
-    outbox.insert(&mut tx, &second).await.unwrap();
-    tx.commit().await.unwrap();
-    broker.go.add_permits(1);
-    let (mut relay, pass) = drain.await.unwrap();
-    assert_eq!(pass.failed, 0);
-    assert_eq!(
-        count(&f, "SELECT COUNT(*) FROM seaport_outbox").await,
-        0,
-        "the drain published B's row too (published {})",
-        pass.published
-    );
-    while relay.drain().await.unwrap().published > 0 {}
-    let ids = stream_ids(&f, "horizon_xmax_check", others.len() + 3).await;
-    let at = |id: &str| ids.iter().position(|i| i == id).expect("published");
-    assert!(at(&first.id) < at(&second.id), "B's row went out after its key's next event");
+    late_commit_during_a_drain(&f, b, &first, &gate_at.id, 1, others.len() + 3).await;
     f.cleanup().await;
 }
