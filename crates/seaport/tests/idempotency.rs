@@ -111,7 +111,43 @@ on_both!(
     abandoned_claim_is_taken_over_after_its_lease,
     a_duplicate_through_another_instance_never_doubles_the_effect,
     a_request_dropped_mid_handler_frees_its_key_at_once,
+    duplicates_of_a_completed_request_all_replay,
 );
+
+/// Once a request has completed, every duplicate replays it, however many arrive at once and
+/// however soon after one another. A replay holds the key for a moment as well: duplicates that
+/// met it there got 409 as if the first request were still running, and on PostgreSQL a replay
+/// that dropped its transaction kept the key's lock until its connection was next used.
+async fn duplicates_of_a_completed_request_all_replay(kind: Kind) {
+    let a = app(kind, Behaviour::default(), |l| l).await;
+    assert_eq!(a.post(Some("done"), None, "x").await.status(), 201);
+    for round in 0..5 {
+        let replays: Vec<_> = (0..8)
+            .map(|_| {
+                let (http, url) = (a.http.clone(), format!("{}/things", a.base));
+                tokio::spawn(async move {
+                    let r = http
+                        .post(url)
+                        .header("Idempotency-Key", "done")
+                        .body("x")
+                        .send()
+                        .await
+                        .unwrap();
+                    (r.status().as_u16(), r.headers().get("idempotent-replayed").is_some())
+                })
+            })
+            .collect();
+        for r in replays {
+            assert_eq!(
+                r.await.unwrap(),
+                (201, true),
+                "round {round}: a duplicate did not replay"
+            );
+        }
+    }
+    assert_eq!((a.things().await, a.b.calls.load(Ordering::SeqCst)), (1, 1));
+    a.f.cleanup().await;
+}
 
 async fn statuses_400_422_and_replay(kind: Kind) {
     let a = app(kind, Behaviour::default(), |l| l).await;

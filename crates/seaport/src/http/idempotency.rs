@@ -280,7 +280,13 @@ pub(crate) async fn open(db: &Db, scope: &str, key: &IdempotencyKey, fingerprint
         }
         Db::Sqlite(s) => {
             let Some(mark) = s.key_marks().try_mark(scope, key.as_str()) else {
-                return Ok(Opened::Answer(Claim::InFlight));
+                // Held by another request here: what the key's row already answers, else 409
+                // (the holder may only be replaying it).
+                let (_, row) = read_sqlite(s, &c).await?;
+                return Ok(Opened::Answer(match judge(row, &c, now_ms()) {
+                    Some(Attempt::Answer(a)) => a,
+                    _ => Claim::InFlight,
+                }));
             };
             let (_, row) = read_sqlite(s, &c).await?;
             Ok(match judge(row, &c, now_ms()) {
@@ -328,10 +334,22 @@ async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result
             .await?,
     );
     if !held {
-        return Ok(Opened::Answer(Claim::InFlight));
+        tx.rollback().await?;
+        // Held by another request: what the key's row already answers (a replay, a different
+        // body), else 409. The holder may only be replaying it (migration `…000010`).
+        return Ok(Opened::Answer(match judge(row, c, now_ms()) {
+            Some(Attempt::Answer(a)) => a,
+            _ => Claim::InFlight,
+        }));
     }
     Ok(match judge(row, c, now_ms()) {
-        Some(Attempt::Answer(a)) => Opened::Answer(a),
+        // Ended here, not by dropping it: a dropped transaction's rollback is only sent when
+        // its connection goes back to the pool, a moment later, and until then its lock would
+        // answer a client's next retry with 409.
+        Some(Attempt::Answer(a)) => {
+            tx.rollback().await?;
+            Opened::Answer(a)
+        }
         _ => Opened::Held(Held {
             tx: Some(tx),
             _mark: None,
@@ -365,10 +383,17 @@ pub(crate) async fn persist(
             tx.commit().await?;
             Ok(Claim::Claimed(token))
         }
-        Attempt::Answer(a) => Ok(a),
+        // The lock is let go here too (see `open_pg`).
+        Attempt::Answer(a) => {
+            tx.rollback().await?;
+            Ok(a)
+        }
         // The key changed under our lock: only a request that claimed it before us and was
         // taken for dead can do that, by storing its response late. Let the client retry.
-        Attempt::Again => Ok(Claim::InFlight),
+        Attempt::Again => {
+            tx.rollback().await?;
+            Ok(Claim::InFlight)
+        }
     }
 }
 
