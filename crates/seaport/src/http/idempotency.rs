@@ -334,7 +334,9 @@ async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result
             .await?,
     );
     if !held {
-        tx.rollback().await?;
+        // An answer is given even if the rollback fails: a connection that failed it is closed,
+        // which ends the transaction too.
+        let _ = tx.rollback().await;
         // Held by another request: what the key's row already answers (a replay, a different
         // body), else 409. The holder may only be replaying it (migration `…000010`).
         return Ok(Opened::Answer(match judge(row, c, now_ms()) {
@@ -347,7 +349,7 @@ async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result
         // its connection goes back to the pool, a moment later, and until then its lock would
         // answer a client's next retry with 409.
         Some(Attempt::Answer(a)) => {
-            tx.rollback().await?;
+            let _ = tx.rollback().await;
             Opened::Answer(a)
         }
         _ => Opened::Held(Held {
@@ -385,13 +387,13 @@ pub(crate) async fn persist(
         }
         // The lock is let go here too (see `open_pg`).
         Attempt::Answer(a) => {
-            tx.rollback().await?;
+            let _ = tx.rollback().await;
             Ok(a)
         }
         // The key changed under our lock: only a request that claimed it before us and was
         // taken for dead can do that, by storing its response late. Let the client retry.
         Attempt::Again => {
-            tx.rollback().await?;
+            let _ = tx.rollback().await;
             Ok(Claim::InFlight)
         }
     }
