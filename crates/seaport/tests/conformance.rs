@@ -1542,3 +1542,80 @@ async fn a_writer_postgresql_counts_as_not_yet_started_still_holds_the_horizon()
     late_commit_during_a_drain(&f, b, &first, &gate_at.id, 1, others.len() + 3).await;
     f.cleanup().await;
 }
+
+/// A relay whose lock connection dies while its claims are still in flight (the server ended
+/// it, a network fault) no longer owns its partitions, but it does not know it yet. A relay
+/// taking them over must still not publish the key's later events before those claims: it waits
+/// for them to end, and the old owner takes no more. Without the fencing (owner rows held
+/// `FOR SHARE` by claims) the second relay publishes the key's next events while the first is
+/// still holding its first one (checked by mutation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_taking_over_from_a_lost_owner_waits_for_its_claims_in_flight() {
+    let f = setup(Kind::PgJetStream).await;
+    let before = write_keyed(&f, &["k"], 3).await;
+    let broker = Arc::new(Gated {
+        inner: f.broker.clone(),
+        at: before[0].id.clone(),
+        reached: tokio::sync::Notify::new(),
+        go: tokio::sync::Semaphore::new(0),
+    });
+    // One row per claim: the first is held at the gate while the next is claimed.
+    let mut old = Relay::new(
+        f.db.clone(),
+        broker.clone(),
+        RelayConfig {
+            batch_size: 1,
+            rebalance_interval: Duration::from_millis(500),
+            ..Default::default()
+        },
+    );
+    let old_drain = tokio::spawn(async move { old.drain().await.unwrap() });
+    broker.reached.notified().await;
+
+    // Its lock connection dies; its advisory locks go with it.
+    seaport::on_pool!(&f.db, p => sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'seaport-relay' AND datname = current_database()",
+    )
+    .execute(p)
+    .await
+    .map(|_| ())
+    .unwrap());
+    wait_for("the lock connection to end", async || {
+        count(
+            &f,
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'seaport-relay' AND datname = current_database()",
+        )
+        .await
+            == 0
+    })
+    .await;
+    let after = write_keyed(&f, &["k"], 2).await;
+
+    let mut new = Relay::new(
+        f.another_db().await,
+        f.broker.clone(),
+        RelayConfig {
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let new_drain = tokio::spawn(async move {
+        let pass = new.drain().await.unwrap();
+        (new, pass)
+    });
+    // Time for the new relay to publish, were nothing stopping it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.go.add_permits(1);
+    let old_pass = old_drain.await.unwrap();
+    let (mut new, _) = new_drain.await.unwrap();
+    assert!(old_pass.published >= 1, "the old owner's claims in flight were published");
+    assert_eq!(new.owned_partitions().len() as i64, outbox::PARTITIONS, "the new relay took every partition");
+    while new.drain().await.unwrap().published > 0 {}
+    assert_eq!(count(&f, "SELECT COUNT(*) FROM seaport_outbox").await, 0);
+
+    let want: Vec<String> = before.iter().chain(&after).map(|e| e.id.clone()).collect();
+    let ids = stream_ids(&f, "takeover_check", want.len()).await;
+    assert_eq!(ids, want, "the key's events went out in order, each once");
+    f.cleanup().await;
+}

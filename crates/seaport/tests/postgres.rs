@@ -299,18 +299,18 @@ async fn hot_statements_keep_index_plans_when_first_planned_on_empty_tables() {
     run(
         &mut conn,
         format!(
-            "PREPARE claim(bigint[], bigint, bigint) AS {}",
+            "PREPARE claim(bigint[], bigint, bigint, text) AS {}",
             seaport::outbox::relay::CLAIM_SQL
         ),
     )
     .await;
     // From the middle of the backlog, as a drain's claims start above its horizon.
-    let explain_claim = || sqlx::query_scalar::<_, String>("EXPLAIN EXECUTE claim('{0,1,2,3}', 256, 10000)");
+    let explain_claim = || sqlx::query_scalar::<_, String>("EXPLAIN EXECUTE claim('{0,1,2,3}', 256, 10000, 'relay')");
     for _ in 0..8 {
         run(&mut conn, seaport::outbox::relay::CLAIM_BEGIN).await;
         run(
             &mut conn,
-            "EXECUTE claim('{0,1,2,3}', 256, -9223372036854775808); ROLLBACK",
+            "EXECUTE claim('{0,1,2,3}', 256, -9223372036854775808, 'relay'); ROLLBACK",
         )
         .await;
     }

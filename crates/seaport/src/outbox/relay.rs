@@ -24,6 +24,15 @@
 //! interval. Relays share partitions fairly: each takes `ceil(16 / live relays)`, counting live
 //! relays by their lock connections (`application_name = 'seaport-relay'`).
 //!
+//! **Handing a partition over.** The advisory lock alone would not keep per-key order when a
+//! relay's lock connection dies while its claims are still in flight on its other connections:
+//! the lock is free at once, and another relay's claims would skip the rows those claims hold
+//! and publish the key's later events first. So ownership is also fenced in the database
+//! (`seaport_relay_partitions`): a claim takes only partitions whose row names its relay's token
+//! and holds those rows `FOR SHARE` until it commits; a relay that takes a partition writes its
+//! own token there, which waits for every such claim of the previous owner to end, and from then
+//! on the previous owner's claims no longer take the partition.
+//!
 //! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
 //! still finishing its commit, it waits for that writer and then sees its rows.
 
@@ -64,6 +73,10 @@ pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL s
 /// (the batch being published). `= ANY(ARRAY(…))` makes the delete a primary-key lookup per
 /// claimed row; as a join, PostgreSQL may hash it against a scan of the whole table.
 ///
+/// Only partitions whose owner row names this relay's token `$4` are claimed, and those rows
+/// stay held `FOR SHARE` until the claim ends: a relay taking a partition over waits for them
+/// (see [`PartitionLocks`]).
+///
 /// Each row also carries the claim's own transaction id and the statement's snapshot (which
 /// transactions were still running when it looked); they move the horizon. Only the first row's
 /// are read.
@@ -71,7 +84,11 @@ pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL s
 pub const CLAIM_SQL: &str = "DELETE FROM seaport_outbox
      WHERE seq = ANY(ARRAY(
          SELECT seq FROM seaport_outbox
-         WHERE partition = ANY($1) AND seq > $3
+         WHERE partition = ANY(ARRAY(
+                 SELECT partition FROM seaport_relay_partitions
+                 WHERE partition = ANY($1) AND owner = $4
+                 FOR SHARE))
+           AND seq > $3
          ORDER BY seq LIMIT $2
          FOR UPDATE SKIP LOCKED))
      RETURNING seq, event_id, topic, envelope, traceparent,
@@ -304,6 +321,7 @@ impl Relay {
             .bind(&owned)
             .bind(self.config.batch_size as i64)
             .bind(after)
+            .bind(&locks.token)
             .fetch_all(&mut *tx)
             .await?;
         let Some(first) = rows.first() else {
@@ -842,10 +860,17 @@ async fn join_task(task: tokio::task::JoinHandle<Result<(), sqlx::Error>>) -> Re
         .map_err(|e| sqlx::Error::Protocol(format!("the relay's commit task failed: {e}")))?
 }
 
-/// The relay partitions one relay owns, as session advisory locks on a dedicated connection.
+/// How long a relay taking a partition over waits for the previous owner's claims in flight
+/// before it gives the partition up until its next rebalance.
+const TAKEOVER_WAIT: &str = "5s";
+
+/// The relay partitions one relay owns, as session advisory locks on a dedicated connection,
+/// fenced by the owner rows of `seaport_relay_partitions` (see the module docs).
 struct PartitionLocks {
     store: PgStore,
     conn: Option<PgConnection>,
+    /// Names the current lock connection in `seaport_relay_partitions`; new with each connection.
+    token: String,
     owned: BTreeSet<i64>,
     last: Option<Instant>,
 }
@@ -855,6 +880,7 @@ impl PartitionLocks {
         PartitionLocks {
             store,
             conn: None,
+            token: String::new(),
             owned: BTreeSet::new(),
             last: None,
         }
@@ -885,8 +911,11 @@ impl PartitionLocks {
                 .connect_options()
                 .as_ref()
                 .clone()
-                .application_name(RELAY_APPLICATION);
+                .application_name(RELAY_APPLICATION)
+                .options([("lock_timeout", TAKEOVER_WAIT)]);
             self.conn = Some(PgConnection::connect_with(&options).await?);
+            // Owner rows written through an earlier connection no longer count as ours.
+            self.token = uuid::Uuid::now_v7().to_string();
         }
         let conn = self.conn.as_mut().expect("connected above");
         // What we really hold, according to the server.
@@ -927,7 +956,7 @@ impl PartitionLocks {
                     .bind(p as i32)
                     .fetch_one(&mut *conn)
                     .await?;
-                if got {
+                if got && take_over(conn, p, &self.token).await? {
                     self.owned.insert(p);
                 }
             }
@@ -940,6 +969,36 @@ impl PartitionLocks {
             let _ = conn.close().await;
         }
         self.owned.clear();
+    }
+}
+
+/// Write `token` as the owner of partition `p`, whose advisory lock `conn` has just taken. The
+/// write waits (up to [`TAKEOVER_WAIT`]) for the previous owner's claims still in flight on the
+/// partition; `false` if they did not end in time, after giving the lock back.
+async fn take_over(conn: &mut PgConnection, p: i64, token: &str) -> Result<bool, sqlx::Error> {
+    let written = sqlx::query(
+        "INSERT INTO seaport_relay_partitions (partition, owner) VALUES ($1, $2)
+         ON CONFLICT (partition) DO UPDATE SET owner = EXCLUDED.owner",
+    )
+    .bind(p)
+    .bind(token)
+    .execute(&mut *conn)
+    .await;
+    match written {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+            tracing::warn!(
+                partition = p,
+                "the previous owner's claims did not end within {TAKEOVER_WAIT}; leaving the partition for now"
+            );
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(LOCK_NAMESPACE)
+                .bind(p as i32)
+                .execute(&mut *conn)
+                .await?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 
