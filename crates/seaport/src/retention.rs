@@ -110,6 +110,7 @@ pub async fn sweep_once(db: &Db, config: &RetentionConfig) -> Result<Swept, sqlx
                 .fetch_one(&mut **t)
                 .await?;
             if !mine {
+                let _ = tx.rollback().await;
                 swept.skipped = true;
                 return Ok(swept);
             }

@@ -198,6 +198,8 @@ impl Broker for EmbeddedBroker {
             .fetch_optional(&mut *tx)
             .await?;
         if known.is_none() {
+            // Ended before answering, here and below: the write lock goes at once.
+            let _ = tx.rollback().await;
             return Err(BrokerError::UnknownStream(stream.to_owned()));
         }
         let existing: Option<String> =
@@ -208,6 +210,7 @@ impl Broker for EmbeddedBroker {
                 .await?;
         match existing {
             Some(filter) if filter != config.filter_subject => {
+                let _ = tx.rollback().await;
                 return Err(BrokerError::ConsumerMismatch {
                     stream: stream.to_owned(),
                     durable: config.durable,
@@ -276,8 +279,11 @@ impl EmbeddedSubscription {
         .bind(&self.stream)
         .bind(&self.config.durable)
         .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| BrokerError::UnknownConsumer(self.config.durable.clone()))?;
+        .await?;
+        let Some(row) = row else {
+            let _ = tx.rollback().await;
+            return Err(BrokerError::UnknownConsumer(self.config.durable.clone()));
+        };
         let filter: String = row.get(0);
         let ack_wait_ms: i64 = row.get(1);
         let max_deliver: i64 = row.get(2);

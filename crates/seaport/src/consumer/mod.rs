@@ -734,7 +734,12 @@ impl Inner {
         let mut inbox: Vec<(String, Option<String>)> = Vec::with_capacity(batch.len());
         let mut verdicts = Vec::with_capacity(batch.len());
         for (delivery, event, _) in batch {
-            let Ok(event) = event else { return Ok(None) };
+            let Ok(event) = event else {
+                if let Some(tx) = shared.take() {
+                    tx.rollback().await?;
+                }
+                return Ok(None);
+            };
             let mut ctx = HandlerContext {
                 consumer,
                 message: &delivery.message,
@@ -796,7 +801,17 @@ impl Inner {
             *shared = Some(self.store.begin_write().await?);
         }
         let tx = shared.as_mut().expect("just set");
-        let fresh = crate::inbox::record_many(&mut *tx, consumer, records).await?;
+        let fresh = match crate::inbox::record_many(&mut *tx, consumer, records).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // Ended now: dropped, the batch's rows and locks would stay until the connection
+                // goes back to the pool, and its deliveries, retried alone at once, would wait.
+                if let Some(tx) = shared.take() {
+                    let _ = tx.rollback().await;
+                }
+                return Err(e);
+            }
+        };
         if fresh != records.len() as u64 {
             tracing::debug!(
                 consumer,

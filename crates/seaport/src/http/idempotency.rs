@@ -325,14 +325,20 @@ async fn open_pg(pool: &sqlx::PgPool, c: &Claiming<'_>, checked: bool) -> Result
     use sqlx::SqlSafeStr;
     let conn = pooled(pool, checked).await?;
     let mut tx = sqlx::Transaction::begin(conn, Some(PG_BEGIN.into_sql_str())).await?;
-    let (held, row) = split::<bool>(
-        sqlx::query_as(PG_OPEN)
-            .bind(c.scope)
-            .bind(c.key)
-            .bind(lock_id(c.scope, c.key))
-            .fetch_one(&mut *tx)
-            .await?,
-    );
+    let opened = sqlx::query_as(PG_OPEN)
+        .bind(c.scope)
+        .bind(c.key)
+        .bind(lock_id(c.scope, c.key))
+        .fetch_one(&mut *tx)
+        .await;
+    let (held, row) = match opened {
+        Ok(r) => split::<bool>(r),
+        Err(e) => {
+            // Ended here on errors too (the lock may have been granted): see below.
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
     if !held {
         // An answer is given even if the rollback fails: a connection that failed it is closed,
         // which ends the transaction too.
@@ -380,7 +386,16 @@ pub(crate) async fn persist(
         return claim_as(db, scope, key, fingerprint, retention, lease, token).await;
     };
     let c = Claiming::new(scope, key, fingerprint, &token, retention, lease);
-    match claim_pg_on(&mut tx, &c).await? {
+    let attempt = match claim_pg_on(&mut tx, &c).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The key's lock is let go now, not when the connection goes back to the pool: the
+            // client's retry after the 500 must not find it held (see `open_pg`).
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
+    match attempt {
         Attempt::Claimed => {
             tx.commit().await?;
             Ok(Claim::Claimed(token))

@@ -317,13 +317,22 @@ impl Relay {
         }
         let owned: Vec<i64> = locks.owned.iter().copied().collect();
         let mut tx = p.pool().begin_with(CLAIM_BEGIN).await?;
-        let rows = sqlx::query(CLAIM_SQL)
+        let claimed = sqlx::query(CLAIM_SQL)
             .bind(&owned)
             .bind(self.config.batch_size as i64)
             .bind(after)
             .bind(&locks.token)
             .fetch_all(&mut *tx)
-            .await?;
+            .await;
+        let rows = match claimed {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Ended now: dropped, its locks would last until the connection goes back to the
+                // pool, and a claim meanwhile would skip its rows (see `delete_published`).
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
         let Some(first) = rows.first() else {
             tx.rollback().await?;
             return Ok(None);
@@ -824,19 +833,35 @@ impl Pipeline {
 /// Delete the `confirmed` rows and count an attempt (with the reason) on the `failed` ones.
 async fn delete_published(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String)>) -> Result<(), sqlx::Error> {
     let mut tx = db.begin_write().await?;
-    match &mut tx {
+    match delete_and_record(&mut tx, &confirmed, &failed).await {
+        Ok(()) => tx.commit().await,
+        Err(e) => {
+            // Ended now, not when the connection goes back to the pool: until then its row locks
+            // would have the next claim skip these rows and publish their keys' later events.
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+async fn delete_and_record(
+    tx: &mut crate::store::Tx,
+    confirmed: &[i64],
+    failed: &[(i64, String)],
+) -> Result<(), sqlx::Error> {
+    match &mut *tx {
         crate::store::Tx::Postgres(t) => {
             // Losing these deletes in a crash only republishes (see `Relay::drain`): no fsync wait.
             sqlx::query("SET LOCAL synchronous_commit TO off")
                 .execute(&mut **t)
                 .await?;
             sqlx::query("DELETE FROM seaport_outbox WHERE seq = ANY($1)")
-                .bind(&confirmed)
+                .bind(confirmed)
                 .execute(&mut **t)
                 .await?;
         }
         crate::store::Tx::Sqlite(t) => {
-            for seq in &confirmed {
+            for seq in confirmed {
                 sqlx::query("DELETE FROM seaport_outbox WHERE seq = $1")
                     .bind(seq)
                     .execute(&mut **t)
@@ -844,15 +869,15 @@ async fn delete_published(db: &Db, confirmed: Vec<i64>, failed: Vec<(i64, String
             }
         }
     }
-    for (seq, error) in &failed {
-        on_conn!(&mut tx, c => sqlx::query("UPDATE seaport_outbox SET attempts = attempts + 1, last_error = $1 WHERE seq = $2")
+    for (seq, error) in failed {
+        on_conn!(&mut *tx, c => sqlx::query("UPDATE seaport_outbox SET attempts = attempts + 1, last_error = $1 WHERE seq = $2")
             .bind(error)
             .bind(seq)
             .execute(c)
             .await
             .map(|_| ()))?;
     }
-    tx.commit().await
+    Ok(())
 }
 
 async fn join_task(task: tokio::task::JoinHandle<Result<(), sqlx::Error>>) -> Result<(), sqlx::Error> {
