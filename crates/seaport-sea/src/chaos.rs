@@ -104,6 +104,9 @@ pub struct Summary {
     pub dead_letters: i64,
     pub kills: u64,
     pub nats_restarts: u64,
+    /// Times the relays' lock connections were ended under them (distributed mode): the relays
+    /// keep their claims in flight but lose their partitions, which others then take over.
+    pub lock_cuts: u64,
     pub client_retries: u64,
     pub seconds: f64,
 }
@@ -128,7 +131,7 @@ impl std::fmt::Display for Summary {
             f,
             "chaos {}: requests={} acknowledged={} lost={} duplicate_cases={} duplicate_events={} missing_events={} \
              duplicated_effects={} missing_effects={} unpublished={} dead_letters={} kills={} nats_restarts={} \
-             client_retries={} seconds={:.1} => {}",
+             lock_cuts={} client_retries={} seconds={:.1} => {}",
             self.mode,
             self.requests,
             self.acknowledged,
@@ -142,6 +145,7 @@ impl std::fmt::Display for Summary {
             self.dead_letters,
             self.kills,
             self.nats_restarts,
+            self.lock_cuts,
             self.client_retries,
             self.seconds,
             if self.ok() { "OK" } else { "VIOLATION" }
@@ -263,13 +267,28 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Summary> {
     let nats = Arc::new(Mutex::new(nats));
     let kills = Arc::new(AtomicU64::new(0));
     let nats_restarts = Arc::new(AtomicU64::new(0));
+    let lock_cuts = Arc::new(AtomicU64::new(0));
     let retries = Arc::new(AtomicU64::new(0));
+    // Distributed mode: a connection to end the relays' lock connections with.
+    let cutter = match &database_url {
+        Some(url) => Some(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .context("cannot connect to the chaos database")?,
+        ),
+        None => None,
+    };
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
 
     // The chaos: kill -9 a random process every `kill_every`, restart it after a moment; once,
-    // half-way, the NATS server too.
+    // half-way, the NATS server too. Distributed, one round in four instead ends the relays'
+    // lock connections (not the relays): their claims in flight go on while others take their
+    // partitions over, the case the handover fencing is for.
     let chaos = {
         let (procs, nats, kills, nats_restarts) = (procs.clone(), nats.clone(), kills.clone(), nats_restarts.clone());
+        let lock_cuts = lock_cuts.clone();
         let every = config.kill_every;
         let mut stopped = chaos_stopped.clone();
         tokio::spawn(async move {
@@ -290,6 +309,24 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Summary> {
                         }
                         continue;
                     }
+                }
+                if round % 4 == 1
+                    && let Some(cutter) = &cutter
+                {
+                    let cut = sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE application_name = $1 AND datname = current_database()",
+                    )
+                    .bind(seaport::outbox::relay::RELAY_APPLICATION)
+                    .execute(cutter)
+                    .await;
+                    match cut {
+                        Ok(_) => {
+                            lock_cuts.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => eprintln!("chaos: cannot end the relays' lock connections: {e}"),
+                    }
+                    continue;
                 }
                 let mut ps = procs.lock().await;
                 let i = rand::thread_rng().gen_range(0..ps.len());
@@ -413,6 +450,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<Summary> {
         acknowledged: acknowledged.len(),
         kills: kills.load(Ordering::SeqCst),
         nats_restarts: nats_restarts.load(Ordering::SeqCst),
+        lock_cuts: lock_cuts.load(Ordering::SeqCst),
         client_retries: retries.load(Ordering::SeqCst),
         ..Default::default()
     };
