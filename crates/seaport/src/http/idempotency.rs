@@ -641,8 +641,8 @@ async fn pooled<DB: sqlx::Database>(
 }
 
 /// PostgreSQL: if the key's advisory lock is free (or ours: the layer's hold), insert the claim
-/// or take over an expired or abandoned one (`claimed`), else read the row; `busy` if another
-/// transaction holds the lock. `set_config(…, true)` applies to this statement's own (implicit)
+/// or take over an expired or abandoned one (`claimed`), else read the row; `busy` (with the row,
+/// if any) if another transaction holds the lock. `set_config(…, true)` applies to this statement's own (implicit)
 /// transaction, or the layer's held one, whose commit then does not wait for a WAL flush. The row
 /// read is the one of the statement's snapshot: if the key was claimed by a transaction that
 /// committed after it, the read finds no row or one that looks claimable (`Again`).
@@ -663,7 +663,8 @@ claimed AS (
 )
 SELECT 'claimed', NULL::text, NULL::int8, NULL::text, NULL::bytea, NULL::text, NULL::int8, NULL::int8 FROM claimed
 UNION ALL
-SELECT 'busy', NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM lock WHERE NOT lock.held
+SELECT 'busy', k.fingerprint, k.status, k.headers, k.body, k.token, k.locked_until, k.expires_at
+FROM lock LEFT JOIN seaport_idempotency_keys AS k ON k.scope = $1 AND k.key = $2 WHERE NOT lock.held
 UNION ALL
 SELECT 'row', fingerprint, status, headers, body, token, locked_until, expires_at FROM seaport_idempotency_keys
 WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed) AND (SELECT held FROM lock)";
@@ -692,7 +693,12 @@ async fn claim_pg_on(conn: &mut sqlx::PgConnection, c: &Claiming<'_>) -> Result<
         .await?;
     Ok(match row.map(split) {
         Some((kind, _)) if kind == "claimed" => Attempt::Claimed,
-        Some((kind, _)) if kind == "busy" => Attempt::Answer(Claim::InFlight),
+        // Held by another request: what the key's row already answers (a replay, a different
+        // body), else 409. The holder may only be replaying it, as `open_pg` does.
+        Some((kind, existing)) if kind == "busy" => Attempt::Answer(match judge(existing, c, now) {
+            Some(Attempt::Answer(a)) => a,
+            _ => Claim::InFlight,
+        }),
         Some((_, existing)) => judge(existing, c, now).unwrap_or(Attempt::Again),
         None => Attempt::Again,
     })
@@ -990,6 +996,35 @@ mod races {
         claims_leave_pooled_connections_durable,
         a_lost_key_is_answered_as_a_duplicate_would_be,
     );
+
+    /// PostgreSQL: a claim that finds the key's advisory lock held (a layered request replaying
+    /// the key holds it for a moment) still answers from the row: replay, or 422 for another
+    /// body; only a key with nothing to answer yet gets 409.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_of_a_held_key_still_replays_what_it_can() {
+        let f = Fixture::new(Kind::PgJetStream).await;
+        let Claim::Claimed(token) = claim(&f.db, "s", &key("k"), "fp", HOUR, HOUR).await.unwrap() else {
+            panic!("a new key is claimed");
+        };
+        assert!(finish(&f.db, "k", &token, b"done").await);
+        let Db::Postgres(pg) = &f.db else { unreachable!() };
+        let mut holder = pg.pool().begin().await.unwrap();
+        for k in ["k", "new"] {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(lock_id("s", k))
+                .execute(&mut *holder)
+                .await
+                .unwrap();
+        }
+        let replay = claim(&f.db, "s", &key("k"), "fp", HOUR, HOUR).await.unwrap();
+        assert!(matches!(&replay, Claim::Replay(r) if r.body == b"done"), "{replay:?}");
+        let other = claim(&f.db, "s", &key("k"), "other", HOUR, HOUR).await.unwrap();
+        assert_eq!(other, Claim::Mismatch);
+        let new = claim(&f.db, "s", &key("new"), "fp", HOUR, HOUR).await.unwrap();
+        assert_eq!(new, Claim::InFlight);
+        holder.rollback().await.unwrap();
+        f.cleanup().await;
+    }
 
     fn key(k: &str) -> IdempotencyKey {
         IdempotencyKey::parse(k.as_bytes()).unwrap()
