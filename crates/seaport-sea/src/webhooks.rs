@@ -335,9 +335,15 @@ async fn accept(app: &AppState, corr: &Correlation, r: Received) -> Result<Json<
     .rows_affected())
         == 1;
     if fresh {
-        app.outbox
+        let written = app
+            .outbox
             .insert_to(&mut tx, &app.topics.topic(WEBHOOK_RECEIVED), &event)
-            .await?;
+            .await;
+        if let Err(e) = written {
+            // Ended now: the provider's retry must not wait on this delivery's row.
+            let _ = tx.rollback().await;
+            return Err(e.into());
+        }
         tx.commit().await?;
         tracing::info!(source = %r.source, delivery = %r.delivery_id, event_type = %r.event_type, "webhook received");
     } else {
