@@ -116,6 +116,52 @@ async fn relays_share_partitions_and_take_over_from_a_dead_one() {
     f.cleanup().await;
 }
 
+/// A relay taking a partition over waits for the previous owner's claims in flight only so long
+/// (5 s, the lock connection's `lock_timeout`): then it gives the partition back, keeps the
+/// others, and takes it at a later rebalance, once those claims have ended.
+#[tokio::test]
+async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    // A claim of a previous owner, in flight on partition 0, holding its owner row as claims do.
+    sqlx::query("INSERT INTO seaport_relay_partitions (partition, owner) VALUES (0, 'gone')")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let mut in_flight = pg.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM seaport_relay_partitions WHERE partition = 0 FOR SHARE")
+        .execute(&mut *in_flight)
+        .await
+        .unwrap();
+    let mut relay = Relay::new(
+        f.another_db().await,
+        f.broker.clone(),
+        RelayConfig {
+            rebalance_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+    );
+    relay.run_once().await.unwrap();
+    assert_eq!(
+        relay.owned_partitions(),
+        (1..PARTITIONS).collect::<Vec<_>>(),
+        "every partition but the one whose claim did not end"
+    );
+    let locked: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = 0 AND objsubid = 2",
+    )
+    .bind(seaport::outbox::relay::LOCK_NAMESPACE as i64)
+    .fetch_one(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(locked, 0, "its advisory lock was given back");
+    in_flight.rollback().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    relay.run_once().await.unwrap();
+    assert_eq!(relay.owned_partitions(), (0..PARTITIONS).collect::<Vec<_>>());
+    f.cleanup().await;
+}
+
 /// Only one instance sweeps at a time: while another holds the sweeper lock, a round is skipped.
 #[tokio::test]
 async fn one_retention_sweeper_at_a_time() {
