@@ -1546,9 +1546,9 @@ async fn a_writer_postgresql_counts_as_not_yet_started_still_holds_the_horizon()
 /// A relay whose lock connection dies while its claims are still in flight (the server ended
 /// it, a network fault) no longer owns its partitions, but it does not know it yet. A relay
 /// taking them over must still not publish the key's later events before those claims: it waits
-/// for them to end, and the old owner takes no more. Without the fencing (owner rows held
-/// `FOR SHARE` by claims) the second relay publishes the key's next events while the first is
-/// still holding its first one (checked by mutation).
+/// for them to end, and the old owner takes no more. Without the fence (taken by every claim's
+/// `BEGIN`) the second relay publishes the key's next events while the first is still holding
+/// its first one (checked by mutation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_taking_over_from_a_lost_owner_waits_for_its_claims_in_flight() {
     let f = setup(Kind::PgJetStream).await;

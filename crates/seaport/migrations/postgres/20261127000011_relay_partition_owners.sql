@@ -5,11 +5,11 @@
 -- connections, another relay can take the lock at once, and its claims would skip the rows
 -- still locked by those claims and publish the key's later events before them.
 --
--- So the lock is not enough on its own: a relay that takes a partition writes its owner token
--- here (an UPDATE, which waits for every claim that still holds the row FOR SHARE), and a claim
--- takes only partitions whose row names its own relay's token, holding that row FOR SHARE until
--- it commits. Once the new owner's write is done, no claim of the old owner is in flight and
--- no later one takes the partition.
+-- So the lock is not enough on its own. A claim takes only partitions whose row here names its
+-- relay's token, read after its BEGIN has taken every partition's fence lock (an advisory lock)
+-- shared. A relay that takes a partition writes its own token here, then takes the partition's
+-- fence lock exclusively, which waits for every claim in flight; claims begun after that read the
+-- new owner.
 CREATE TABLE seaport_relay_partitions (
     partition BIGINT PRIMARY KEY,
     -- A random token of the owning relay's lock connection (not its pid: pids are reused).

@@ -27,11 +27,14 @@
 //! **Handing a partition over.** The advisory lock alone would not keep per-key order when a
 //! relay's lock connection dies while its claims are still in flight on its other connections:
 //! the lock is free at once, and another relay's claims would skip the rows those claims hold
-//! and publish the key's later events first. So ownership is also fenced in the database
-//! (`seaport_relay_partitions`): a claim takes only partitions whose row names its relay's token
-//! and holds those rows `FOR SHARE` until it commits; a relay that takes a partition writes its
-//! own token there, which waits for every such claim of the previous owner to end, and from then
-//! on the previous owner's claims no longer take the partition.
+//! and publish the key's later events first. So ownership is also recorded in the database
+//! (`seaport_relay_partitions`, a token per lock connection) and fenced: every claim holds each
+//! partition's fence lock shared from its `BEGIN` to its end, and takes only partitions whose row
+//! names its relay. A relay that takes a partition writes its own token there, then takes that
+//! partition's fence lock exclusively (and lets it go at once), which waits for every claim in
+//! flight. Claims begun after that read the new owner, so the previous owner's take no more of
+//! the partition. Row locks would do the same but turn every overlap of claims into a
+//! multixact; advisory locks live only in the lock table.
 //!
 //! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
 //! still finishing its commit, it waits for that writer and then sees its rows.
@@ -64,8 +67,18 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// grows. Without those, the only plan left walks the primary key in seq order, stops at the
 /// limit, and deletes by primary key.
 #[doc(hidden)]
+///
+/// It also takes the handover fence of every partition, shared (see [`PartitionLocks`]): held
+/// until the claim ends, taken before the claim's statement takes its snapshot (which must see
+/// any new owner that has passed the fence). Shared locks of claims never conflict with each
+/// other; only a relay taking a partition over waits for them.
 pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; \
-     SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off";
+     SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off; \
+     SELECT pg_advisory_xact_lock_shared(24233, 100 + p) FROM generate_series(0, 15) AS p";
+
+/// Second key of a partition's handover fence (with [`LOCK_NAMESPACE`]): `FENCE_BASE + partition`.
+/// [`CLAIM_BEGIN`] spells it out (24233 = `LOCK_NAMESPACE`, 100 + 0‥15).
+pub const FENCE_BASE: i32 = 100;
 
 /// The claim: the oldest rows of the partitions `$1` above seq `$3` (the drain's horizon, see
 /// [`Horizon`]), at most `$2`, deleted and returned, in a transaction that commits only once the
@@ -73,9 +86,8 @@ pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL s
 /// (the batch being published). `= ANY(ARRAY(…))` makes the delete a primary-key lookup per
 /// claimed row; as a join, PostgreSQL may hash it against a scan of the whole table.
 ///
-/// Only partitions whose owner row names this relay's token `$4` are claimed, and those rows
-/// stay held `FOR SHARE` until the claim ends: a relay taking a partition over waits for them
-/// (see [`PartitionLocks`]).
+/// Only partitions whose owner row names this relay's token `$4` are claimed (a plain read, under
+/// the fence taken by [`CLAIM_BEGIN`]; see [`PartitionLocks`]).
 ///
 /// Each row also carries the claim's own transaction id and the statement's snapshot (which
 /// transactions were still running when it looked); they move the horizon. Only the first row's
@@ -86,8 +98,7 @@ pub const CLAIM_SQL: &str = "DELETE FROM seaport_outbox
          SELECT seq FROM seaport_outbox
          WHERE partition = ANY(ARRAY(
                  SELECT partition FROM seaport_relay_partitions
-                 WHERE partition = ANY($1) AND owner = $4
-                 FOR SHARE))
+                 WHERE partition = ANY($1) AND owner = $4))
            AND seq > $3
          ORDER BY seq LIMIT $2
          FOR UPDATE SKIP LOCKED))
@@ -890,7 +901,7 @@ async fn join_task(task: tokio::task::JoinHandle<Result<(), sqlx::Error>>) -> Re
 const TAKEOVER_WAIT: &str = "5s";
 
 /// The relay partitions one relay owns, as session advisory locks on a dedicated connection,
-/// fenced by the owner rows of `seaport_relay_partitions` (see the module docs).
+/// recorded in `seaport_relay_partitions` and fenced (see the module docs and [`take_over`]).
 struct PartitionLocks {
     store: PgStore,
     conn: Option<PgConnection>,
@@ -946,9 +957,11 @@ impl PartitionLocks {
         // What we really hold, according to the server.
         let held: Vec<i64> = sqlx::query_scalar(
             "SELECT objid::BIGINT FROM pg_locks
-             WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = $1::oid AND objsubid = 2 AND granted",
+             WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = $1::oid AND objsubid = 2 AND granted
+               AND objid::BIGINT < $2",
         )
         .bind(LOCK_NAMESPACE as i64)
+        .bind(PARTITIONS)
         .fetch_all(&mut *conn)
         .await?;
         self.owned = held.into_iter().collect();
@@ -997,19 +1010,25 @@ impl PartitionLocks {
     }
 }
 
-/// Write `token` as the owner of partition `p`, whose advisory lock `conn` has just taken. The
-/// write waits (up to [`TAKEOVER_WAIT`]) for the previous owner's claims still in flight on the
-/// partition; `false` if they did not end in time, after giving the lock back.
+/// Write `token` as the owner of partition `p`, whose advisory lock `conn` has just taken, then
+/// pass the partition's fence: wait (up to [`TAKEOVER_WAIT`]) for the claims in flight, which
+/// may still be the previous owner's. `false` if they did not end in time, after giving the
+/// partition back (its row already names us, so nobody claims it until it is taken again).
 async fn take_over(conn: &mut PgConnection, p: i64, token: &str) -> Result<bool, sqlx::Error> {
-    let written = sqlx::query(
+    sqlx::query(
         "INSERT INTO seaport_relay_partitions (partition, owner) VALUES ($1, $2)
          ON CONFLICT (partition) DO UPDATE SET owner = EXCLUDED.owner",
     )
     .bind(p)
     .bind(token)
     .execute(&mut *conn)
-    .await;
-    match written {
+    .await?;
+    let fenced = sqlx::query("SELECT pg_advisory_lock($1, $2), pg_advisory_unlock($1, $2)")
+        .bind(LOCK_NAMESPACE)
+        .bind(FENCE_BASE + p as i32)
+        .execute(&mut *conn)
+        .await;
+    match fenced {
         Ok(_) => Ok(true),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
             tracing::warn!(
@@ -1030,6 +1049,18 @@ async fn take_over(conn: &mut PgConnection, p: i64, token: &str) -> Result<bool,
 #[cfg(test)]
 mod tests {
     use super::{Horizon, Snapshot};
+
+    #[test]
+    fn claims_take_the_fence_of_every_partition() {
+        let fence = format!(
+            "pg_advisory_xact_lock_shared({}, {} + p) FROM generate_series(0, {}) AS p",
+            super::LOCK_NAMESPACE,
+            super::FENCE_BASE,
+            super::PARTITIONS - 1
+        );
+        assert!(super::CLAIM_BEGIN.ends_with(&fence), "{}", super::CLAIM_BEGIN);
+        assert!(super::FENCE_BASE as i64 >= super::PARTITIONS, "fence keys are not partition keys");
+    }
 
     fn snap(xmin: i64, xmax: i64, xip: &[i64]) -> Snapshot {
         Snapshot {
