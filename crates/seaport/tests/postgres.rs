@@ -147,7 +147,8 @@ async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
         "every partition but the one whose claim did not end"
     );
     let locked: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = 0 AND objsubid = 2",
+        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = 0 AND objsubid = 2
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .bind(seaport::outbox::relay::LOCK_NAMESPACE as i64)
     .fetch_one(pg.pool())
@@ -158,6 +159,70 @@ async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     relay.run_once().await.unwrap();
     assert_eq!(relay.owned_partitions(), (0..PARTITIONS).collect::<Vec<_>>());
+    f.cleanup().await;
+}
+
+/// While a relay waits at a partition's fence to take it over, claims do not queue behind it:
+/// they leave that partition out and go on with the others. (A drain's claims in flight commit
+/// only as the drain goes on, so a claim waiting behind the takeover, which waits for them,
+/// would stall both until the takeover gave up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_leave_out_a_partition_being_taken_over() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    let key_in = |p: i64| (0..).map(|i| format!("key-{i}")).find(|k| seaport::outbox::partition_of(k) == p).unwrap();
+    let (fenced, free) = (key_in(0), key_in(1));
+    let outbox = Outbox::new();
+    let mut tx = pg.begin_write().await.unwrap();
+    for key in [&fenced, &free] {
+        let e = Event::new(f.subject("x.made"), "/t", serde_json::json!({})).with_subject(key.as_str());
+        outbox.insert(&mut tx, &e).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    // A claim in flight holds partition 0's fence; a takeover waits for it.
+    let (ns, fence) = (seaport::outbox::relay::LOCK_NAMESPACE, seaport::outbox::relay::FENCE_BASE);
+    let mut in_flight = pg.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
+        .bind(ns)
+        .bind(fence)
+        .execute(&mut *in_flight)
+        .await
+        .unwrap();
+    let taker = pg.pool().clone();
+    let takeover = tokio::spawn(async move {
+        let mut tx = taker.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(ns)
+            .bind(fence)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    let waiting = async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2 AND NOT granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(ns as i64)
+        .bind(fence as i64)
+        .fetch_one(pg.pool())
+        .await
+        .unwrap()
+            == 1
+    };
+    while !waiting().await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut relay = Relay::new(f.another_db().await, f.broker.clone(), RelayConfig::default());
+    let pass = tokio::time::timeout(Duration::from_secs(20), relay.drain())
+        .await
+        .expect("the drain queued behind the takeover")
+        .unwrap();
+    assert_eq!(pass.published, 1, "the other partition's event went out");
+    in_flight.rollback().await.unwrap();
+    takeover.await.unwrap();
+    assert_eq!(relay.drain().await.unwrap().published, 1, "and the fenced one once the takeover passed");
     f.cleanup().await;
 }
 

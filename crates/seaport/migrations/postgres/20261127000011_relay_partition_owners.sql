@@ -6,10 +6,9 @@
 -- still locked by those claims and publish the key's later events before them.
 --
 -- So the lock is not enough on its own. A claim takes only partitions whose row here names its
--- relay's token, read after its BEGIN has taken every partition's fence lock (an advisory lock)
--- shared. A relay that takes a partition writes its own token here, then takes the partition's
--- fence lock exclusively, which waits for every claim in flight; claims begun after that read the
--- new owner.
+-- relay's token and whose fence lock (an advisory lock) its BEGIN took, shared. A relay that takes
+-- a partition writes its own token here, then takes the partition's fence lock exclusively, which
+-- waits for every claim in flight; claims begun after that read the new owner.
 CREATE TABLE seaport_relay_partitions (
     partition BIGINT PRIMARY KEY,
     -- A random token of the owning relay's lock connection (not its pid: pids are reused).

@@ -33,7 +33,8 @@
 //! names its relay. A relay that takes a partition writes its own token there, then takes that
 //! partition's fence lock exclusively (and lets it go at once), which waits for every claim in
 //! flight. Claims begun after that read the new owner, so the previous owner's take no more of
-//! the partition. Row locks would do the same but turn every overlap of claims into a
+//! the partition; claims begun while it waits leave the partition out rather than wait (see
+//! [`CLAIM_BEGIN`]). Row locks would do the same but turn every overlap of claims into a
 //! multixact; advisory locks live only in the lock table.
 //!
 //! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
@@ -68,13 +69,18 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// limit, and deletes by primary key.
 #[doc(hidden)]
 ///
-/// It also takes the handover fence of every partition, shared (see [`PartitionLocks`]): held
-/// until the claim ends, taken before the claim's statement takes its snapshot (which must see
-/// any new owner that has passed the fence). Shared locks of claims never conflict with each
-/// other; only a relay taking a partition over waits for them.
+/// It also takes the handover fences (see [`PartitionLocks`]), shared, of every partition whose
+/// fence it gets without waiting, and notes which in `seaport.fenced`: held until the claim ends,
+/// taken before the claim's statement takes its snapshot (which must see any new owner that has
+/// passed the fence), and only those partitions are claimed. Claims' shared locks never conflict
+/// with each other. A relay taking a partition over waits for them, and while it waits, new
+/// claims do not get that fence (a request waiting for the lock conflicts): they leave the
+/// partition out instead of queueing behind the takeover, which itself waits for the claims
+/// still in flight, whose commits the drain may only make after its next claim.
 pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; \
      SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off; \
-     SELECT pg_advisory_xact_lock_shared(24233, 100 + p) FROM generate_series(0, 15) AS p";
+     SELECT set_config('seaport.fenced', COALESCE(string_agg(p::text, ','), ''), true) \
+     FROM generate_series(0, 15) AS p WHERE pg_try_advisory_xact_lock_shared(24233, 100 + p)";
 
 /// Second key of a partition's handover fence (with [`LOCK_NAMESPACE`]): `FENCE_BASE + partition`.
 /// [`CLAIM_BEGIN`] spells it out (24233 = `LOCK_NAMESPACE`, 100 + 0‥15).
@@ -86,8 +92,8 @@ pub const FENCE_BASE: i32 = 100;
 /// (the batch being published). `= ANY(ARRAY(…))` makes the delete a primary-key lookup per
 /// claimed row; as a join, PostgreSQL may hash it against a scan of the whole table.
 ///
-/// Only partitions whose owner row names this relay's token `$4` are claimed (a plain read, under
-/// the fence taken by [`CLAIM_BEGIN`]; see [`PartitionLocks`]).
+/// Only partitions whose owner row names this relay's token `$4` and whose fence [`CLAIM_BEGIN`]
+/// took are claimed (see [`PartitionLocks`]).
 ///
 /// Each row also carries the claim's own transaction id and the statement's snapshot (which
 /// transactions were still running when it looked); they move the horizon. Only the first row's
@@ -98,7 +104,8 @@ pub const CLAIM_SQL: &str = "DELETE FROM seaport_outbox
          SELECT seq FROM seaport_outbox
          WHERE partition = ANY(ARRAY(
                  SELECT partition FROM seaport_relay_partitions
-                 WHERE partition = ANY($1) AND owner = $4))
+                 WHERE partition = ANY($1) AND owner = $4
+                   AND partition = ANY(string_to_array(current_setting('seaport.fenced', true), ',')::bigint[])))
            AND seq > $3
          ORDER BY seq LIMIT $2
          FOR UPDATE SKIP LOCKED))
@@ -1053,10 +1060,10 @@ mod tests {
     #[test]
     fn claims_take_the_fence_of_every_partition() {
         let fence = format!(
-            "pg_advisory_xact_lock_shared({}, {} + p) FROM generate_series(0, {}) AS p",
+            "FROM generate_series(0, {}) AS p WHERE pg_try_advisory_xact_lock_shared({}, {} + p)",
+            super::PARTITIONS - 1,
             super::LOCK_NAMESPACE,
             super::FENCE_BASE,
-            super::PARTITIONS - 1
         );
         assert!(super::CLAIM_BEGIN.ends_with(&fence), "{}", super::CLAIM_BEGIN);
         assert!(super::FENCE_BASE as i64 >= super::PARTITIONS, "fence keys are not partition keys");
