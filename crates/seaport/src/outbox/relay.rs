@@ -28,9 +28,9 @@
 //! relay's lock connection dies while its claims are still in flight on its other connections:
 //! the lock is free at once, and another relay's claims would skip the rows those claims hold
 //! and publish the key's later events first. So ownership is also recorded in the database
-//! (`seaport_relay_partitions`, a token per lock connection) and fenced: every claim holds each
-//! partition's fence lock shared from its `BEGIN` to its end, and takes only partitions whose row
-//! names its relay. A relay that takes a partition writes its own token there, then takes that
+//! (`seaport_relay_partitions`, a token per lock connection) and fenced: a claim takes the
+//! partitions' fence locks shared in its `BEGIN` and holds them to its end, and claims only
+//! partitions whose fence it holds and whose row names its relay. A relay that takes a partition writes its own token there, then takes that
 //! partition's fence lock exclusively (and lets it go at once), which waits for every claim in
 //! flight. Claims begun after that read the new owner, so the previous owner's take no more of
 //! the partition; claims begun while it waits leave the partition out rather than wait (see
@@ -67,7 +67,6 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// or to scan the whole table for the delete. Each claim would then cost more as the backlog
 /// grows. Without those, the only plan left walks the primary key in seq order, stops at the
 /// limit, and deletes by primary key.
-#[doc(hidden)]
 ///
 /// It also takes the handover fences (see [`PartitionLocks`]), shared, of every partition whose
 /// fence it gets without waiting, and notes which in `seaport.fenced`: held until the claim ends,
@@ -77,6 +76,7 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// claims do not get that fence (a request waiting for the lock conflicts): they leave the
 /// partition out instead of queueing behind the takeover, which itself waits for the claims
 /// still in flight, whose commits the drain may only make after its next claim.
+#[doc(hidden)]
 pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; \
      SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off; \
      SELECT set_config('seaport.fenced', COALESCE(string_agg(p::text, ','), ''), true) \
