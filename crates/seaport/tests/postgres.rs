@@ -116,19 +116,18 @@ async fn relays_share_partitions_and_take_over_from_a_dead_one() {
     f.cleanup().await;
 }
 
-/// A relay taking a partition over waits for the previous owner's claims in flight only so long
-/// (5 s, the lock connection's `lock_timeout`): then it gives the partition back, keeps the
-/// others, and takes it at a later rebalance, once those claims have ended.
+/// A relay taking partitions over waits for the claims in flight (they may be a previous owner's)
+/// only so long (5 s, the lock connection's `lock_timeout`): then it gives the partitions back,
+/// and takes them at a later rebalance, once those claims have ended.
 #[tokio::test]
 async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
     let f = Fixture::new(Kind::PgJetStream).await;
     let Db::Postgres(pg) = &f.db else { unreachable!() };
-    // A claim in flight (of a previous owner), holding partition 0's fence as claims do (they
-    // hold every partition's; one is enough here, and keeps the test short).
+    // A claim in flight (of a previous owner), holding the fence as claims do.
     let mut in_flight = pg.pool().begin().await.unwrap();
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
         .bind(seaport::outbox::relay::LOCK_NAMESPACE)
-        .bind(seaport::outbox::relay::FENCE_BASE)
+        .bind(seaport::outbox::relay::FENCE_KEY)
         .execute(&mut *in_flight)
         .await
         .unwrap();
@@ -141,11 +140,7 @@ async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
         },
     );
     relay.run_once().await.unwrap();
-    assert_eq!(
-        relay.owned_partitions(),
-        (1..PARTITIONS).collect::<Vec<_>>(),
-        "every partition but the one whose claim did not end"
-    );
+    assert_eq!(relay.owned_partitions(), Vec::<i64>::new(), "no partition while the claim went on");
     let locked: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = 0 AND objsubid = 2
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -154,7 +149,7 @@ async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
     .fetch_one(pg.pool())
     .await
     .unwrap();
-    assert_eq!(locked, 0, "its advisory lock was given back");
+    assert_eq!(locked, 0, "the advisory locks were given back");
     in_flight.rollback().await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     relay.run_once().await.unwrap();
@@ -162,25 +157,34 @@ async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
     f.cleanup().await;
 }
 
-/// While a relay waits at a partition's fence to take it over, claims do not queue behind it:
-/// they leave that partition out and go on with the others. (A drain's claims in flight commit
-/// only as the drain goes on, so a claim waiting behind the takeover, which waits for them,
-/// would stall both until the takeover gave up.)
+/// While a relay waits at the fence to take partitions over, claims do not queue behind it: they
+/// come back empty, and the drain ends. (A drain's claims in flight commit only as the drain goes
+/// on, so a claim waiting behind the takeover, which waits for them, would stall both until the
+/// takeover gave up.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_leave_out_a_partition_being_taken_over() {
+async fn claims_do_not_queue_behind_a_takeover() {
     let f = Fixture::new(Kind::PgJetStream).await;
     let Db::Postgres(pg) = &f.db else { unreachable!() };
-    let key_in = |p: i64| (0..).map(|i| format!("key-{i}")).find(|k| seaport::outbox::partition_of(k) == p).unwrap();
-    let (fenced, free) = (key_in(0), key_in(1));
+    // The relay owns every partition before the takeover starts waiting.
+    let mut relay = Relay::new(
+        f.another_db().await,
+        f.broker.clone(),
+        RelayConfig {
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    relay.run_once().await.unwrap();
+    assert_eq!(relay.owned_partitions().len() as i64, PARTITIONS);
     let outbox = Outbox::new();
     let mut tx = pg.begin_write().await.unwrap();
-    for key in [&fenced, &free] {
-        let e = Event::new(f.subject("x.made"), "/t", serde_json::json!({})).with_subject(key.as_str());
+    for key in ["a", "b"] {
+        let e = Event::new(f.subject("x.made"), "/t", serde_json::json!({})).with_subject(key);
         outbox.insert(&mut tx, &e).await.unwrap();
     }
     tx.commit().await.unwrap();
-    // A claim in flight holds partition 0's fence; a takeover waits for it.
-    let (ns, fence) = (seaport::outbox::relay::LOCK_NAMESPACE, seaport::outbox::relay::FENCE_BASE);
+    // A claim in flight holds the fence; a takeover waits for it.
+    let (ns, fence) = (seaport::outbox::relay::LOCK_NAMESPACE, seaport::outbox::relay::FENCE_KEY);
     let mut in_flight = pg.pool().begin().await.unwrap();
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
         .bind(ns)
@@ -214,15 +218,14 @@ async fn claims_leave_out_a_partition_being_taken_over() {
     while !waiting().await {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut relay = Relay::new(f.another_db().await, f.broker.clone(), RelayConfig::default());
     let pass = tokio::time::timeout(Duration::from_secs(20), relay.drain())
         .await
         .expect("the drain queued behind the takeover")
         .unwrap();
-    assert_eq!(pass.published, 1, "the other partition's event went out");
+    assert_eq!(pass.published, 0, "nothing is claimed while a takeover waits");
     in_flight.rollback().await.unwrap();
     takeover.await.unwrap();
-    assert_eq!(relay.drain().await.unwrap().published, 1, "and the fenced one once the takeover passed");
+    assert_eq!(relay.drain().await.unwrap().published, 2, "and everything once it passed");
     f.cleanup().await;
 }
 

@@ -28,13 +28,12 @@
 //! relay's lock connection dies while its claims are still in flight on its other connections:
 //! the lock is free at once, and another relay's claims would skip the rows those claims hold
 //! and publish the key's later events first. So ownership is also recorded in the database
-//! (`seaport_relay_partitions`, a token per lock connection) and fenced: a claim takes the
-//! partitions' fence locks shared in its `BEGIN` and holds them to its end, and claims only
-//! partitions whose fence it holds and whose row names its relay. A relay that takes a partition writes its own token there, then takes that
-//! partition's fence lock exclusively (and lets it go at once), which waits for every claim in
-//! flight. Claims begun after that read the new owner, so the previous owner's take no more of
-//! the partition; claims begun while it waits leave the partition out rather than wait (see
-//! [`CLAIM_BEGIN`]). Row locks would do the same but turn every overlap of claims into a
+//! (`seaport_relay_partitions`, a token per lock connection) and fenced: a claim takes a fence
+//! lock shared in its `BEGIN` and holds it to its end, and claims only partitions whose row names
+//! its relay. A relay that takes partitions writes its own token there, then takes the fence
+//! exclusively (and lets it go at once), which waits for every claim in flight. Claims begun
+//! after that read the new owner, so the previous owner's take no more of the partition; claims
+//! begun while it waits come back empty rather than wait (see [`CLAIM_BEGIN`]). Row locks would do the same but turn every overlap of claims into a
 //! multixact; advisory locks live only in the lock table.
 //!
 //! On SQLite the relay reads under `BEGIN IMMEDIATE`: woken by the commit hook of a writer that is
@@ -68,23 +67,22 @@ pub const RELAY_APPLICATION: &str = "seaport-relay";
 /// grows. Without those, the only plan left walks the primary key in seq order, stops at the
 /// limit, and deletes by primary key.
 ///
-/// It also takes the handover fences (see [`PartitionLocks`]), shared, of every partition whose
-/// fence it gets without waiting, and notes which in `seaport.fenced`: held until the claim ends,
-/// taken before the claim's statement takes its snapshot (which must see any new owner that has
-/// passed the fence), and only those partitions are claimed. Claims' shared locks never conflict
-/// with each other. A relay taking a partition over waits for them, and while it waits, new
-/// claims do not get that fence (a request waiting for the lock conflicts): they leave the
-/// partition out instead of queueing behind the takeover, which itself waits for the claims
-/// still in flight, whose commits the drain may only make after its next claim.
+/// It also takes the handover fence (see [`PartitionLocks`]) shared, if it gets it without
+/// waiting, and notes whether in `seaport.fenced`: held until the claim ends, taken before the
+/// claim's statement takes its snapshot (which must see any new owner that has passed the fence).
+/// Without it the claim takes nothing. Claims' shared locks never conflict with each other. A
+/// relay taking partitions over waits for them, and while it waits, new claims do not get the
+/// fence (a request waiting for the lock conflicts): they come back empty instead of queueing
+/// behind the takeover, which itself waits for the claims still in flight, whose commits the
+/// drain may only make after its next claim.
 #[doc(hidden)]
 pub const CLAIM_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off; \
      SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; SET LOCAL enable_seqscan TO off; \
-     SELECT set_config('seaport.fenced', COALESCE(string_agg(p::text, ','), ''), true) \
-     FROM generate_series(0, 15) AS p WHERE pg_try_advisory_xact_lock_shared(24233, 100 + p)";
+     SELECT set_config('seaport.fenced', pg_try_advisory_xact_lock_shared(24233, 100)::text, true)";
 
-/// Second key of a partition's handover fence (with [`LOCK_NAMESPACE`]): `FENCE_BASE + partition`.
-/// [`CLAIM_BEGIN`] spells it out (24233 = `LOCK_NAMESPACE`, 100 + 0‥15).
-pub const FENCE_BASE: i32 = 100;
+/// Second key of the handover fence (with [`LOCK_NAMESPACE`]; [`CLAIM_BEGIN`] spells both out).
+/// One fence for all partitions: a claim takes one lock, not one per partition.
+pub const FENCE_KEY: i32 = 100;
 
 /// The claim: the oldest rows of the partitions `$1` above seq `$3` (the drain's horizon, see
 /// [`Horizon`]), at most `$2`, deleted and returned, in a transaction that commits only once the
@@ -92,8 +90,8 @@ pub const FENCE_BASE: i32 = 100;
 /// (the batch being published). `= ANY(ARRAY(…))` makes the delete a primary-key lookup per
 /// claimed row; as a join, PostgreSQL may hash it against a scan of the whole table.
 ///
-/// Only partitions whose owner row names this relay's token `$4` and whose fence [`CLAIM_BEGIN`]
-/// took are claimed (see [`PartitionLocks`]).
+/// Only partitions whose owner row names this relay's token `$4` are claimed, and only if
+/// [`CLAIM_BEGIN`] took the fence (see [`PartitionLocks`]).
 ///
 /// Each row also carries the claim's own transaction id and the statement's snapshot (which
 /// transactions were still running when it looked); they move the horizon. Only the first row's
@@ -105,7 +103,7 @@ pub const CLAIM_SQL: &str = "DELETE FROM seaport_outbox
          WHERE partition = ANY(ARRAY(
                  SELECT partition FROM seaport_relay_partitions
                  WHERE partition = ANY($1) AND owner = $4
-                   AND partition = ANY(string_to_array(current_setting('seaport.fenced', true), ',')::bigint[])))
+                   AND current_setting('seaport.fenced', true) = 'true'))
            AND seq > $3
          ORDER BY seq LIMIT $2
          FOR UPDATE SKIP LOCKED))
@@ -988,9 +986,10 @@ impl PartitionLocks {
                 .await?;
             self.owned.remove(&p);
         }
+        let mut taken = Vec::new();
         if (self.owned.len() as i64) < fair {
             for p in 0..PARTITIONS {
-                if self.owned.len() as i64 >= fair {
+                if (self.owned.len() + taken.len()) as i64 >= fair {
                     break;
                 }
                 if self.owned.contains(&p) {
@@ -1001,10 +1000,13 @@ impl PartitionLocks {
                     .bind(p as i32)
                     .fetch_one(&mut *conn)
                     .await?;
-                if got && take_over(conn, p, &self.token).await? {
-                    self.owned.insert(p);
+                if got {
+                    taken.push(p);
                 }
             }
+        }
+        if !taken.is_empty() && take_over(conn, &taken, &self.token).await? {
+            self.owned.extend(taken);
         }
         Ok(())
     }
@@ -1017,36 +1019,38 @@ impl PartitionLocks {
     }
 }
 
-/// Write `token` as the owner of partition `p`, whose advisory lock `conn` has just taken, then
-/// pass the partition's fence: wait (up to [`TAKEOVER_WAIT`]) for the claims in flight, which
-/// may still be the previous owner's. `false` if they did not end in time, after giving the
-/// partition back (its row already names us, so nobody claims it until it is taken again).
-async fn take_over(conn: &mut PgConnection, p: i64, token: &str) -> Result<bool, sqlx::Error> {
+/// Write `token` as the owner of `partitions`, whose advisory locks `conn` has just taken, then
+/// pass the fence: wait (up to [`TAKEOVER_WAIT`]) for the claims in flight, which may still be
+/// a previous owner's. `false` if they did not end in time, after giving the partitions back
+/// (their rows already name us, so nobody claims them until they are taken again).
+async fn take_over(conn: &mut PgConnection, partitions: &[i64], token: &str) -> Result<bool, sqlx::Error> {
     sqlx::query(
-        "INSERT INTO seaport_relay_partitions (partition, owner) VALUES ($1, $2)
+        "INSERT INTO seaport_relay_partitions (partition, owner) SELECT p, $2 FROM unnest($1::bigint[]) AS p
          ON CONFLICT (partition) DO UPDATE SET owner = EXCLUDED.owner",
     )
-    .bind(p)
+    .bind(partitions)
     .bind(token)
     .execute(&mut *conn)
     .await?;
     let fenced = sqlx::query("SELECT pg_advisory_lock($1, $2), pg_advisory_unlock($1, $2)")
         .bind(LOCK_NAMESPACE)
-        .bind(FENCE_BASE + p as i32)
+        .bind(FENCE_KEY)
         .execute(&mut *conn)
         .await;
     match fenced {
         Ok(_) => Ok(true),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
             tracing::warn!(
-                partition = p,
-                "the previous owner's claims did not end within {TAKEOVER_WAIT}; leaving the partition for now"
+                ?partitions,
+                "the claims in flight did not end within {TAKEOVER_WAIT}; leaving the partitions for now"
             );
-            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                .bind(LOCK_NAMESPACE)
-                .bind(p as i32)
-                .execute(&mut *conn)
-                .await?;
+            for p in partitions {
+                sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                    .bind(LOCK_NAMESPACE)
+                    .bind(*p as i32)
+                    .execute(&mut *conn)
+                    .await?;
+            }
             Ok(false)
         }
         Err(e) => Err(e),
@@ -1058,15 +1062,14 @@ mod tests {
     use super::{Horizon, Snapshot};
 
     #[test]
-    fn claims_take_the_fence_of_every_partition() {
+    fn claims_take_the_fence() {
         let fence = format!(
-            "FROM generate_series(0, {}) AS p WHERE pg_try_advisory_xact_lock_shared({}, {} + p)",
-            super::PARTITIONS - 1,
+            "pg_try_advisory_xact_lock_shared({}, {})::text, true)",
             super::LOCK_NAMESPACE,
-            super::FENCE_BASE,
+            super::FENCE_KEY,
         );
         assert!(super::CLAIM_BEGIN.ends_with(&fence), "{}", super::CLAIM_BEGIN);
-        assert!(super::FENCE_BASE as i64 >= super::PARTITIONS, "fence keys are not partition keys");
+        assert!(super::FENCE_KEY as i64 >= super::PARTITIONS, "the fence key is no partition's");
     }
 
     fn snap(xmin: i64, xmax: i64, xip: &[i64]) -> Snapshot {
