@@ -20,7 +20,7 @@
 //! drawn at most 20 times a second; both sides of each comparison pay the same. Elsewhere the
 //! phases' result lines on stderr are the progress.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,8 @@ use seaport::outbox::relay::{Relay, RelayConfig};
 use seaport::store::{Db, PgStore};
 use tokio::sync::watch;
 
-use crate::progress;
+use crate::{cpu, progress};
+use cpu::CpuPhase;
 
 pub struct BenchConfig {
     pub database_admin_url: String,
@@ -58,6 +59,12 @@ pub struct BenchReport {
     pub raw_publish_runs_per_sec: [f64; 2],
     pub relay_per_sec: f64,
     pub relay_vs_raw: f64,
+    /// The most the relay could reach on these cores if its process and nats-server cost what
+    /// they cost in the bare loop, plus PostgreSQL's claim work as measured in the relay phase:
+    /// raw-phase CPU / (raw-phase CPU + PostgreSQL's relay-phase CPU). Assumes both phases keep
+    /// the cores busy (see `machine_busy` in `cpu`); with the database on its own host it does
+    /// not apply.
+    pub relay_cpu_bound_vs_raw: f64,
     /// Two relays at once, each owning half of the partitions.
     pub two_relays_per_sec: f64,
     pub two_relays_vs_raw: f64,
@@ -81,61 +88,6 @@ pub struct BenchReport {
     pub embedded_latency_max_ms: f64,
     /// Where the time went: CPU seconds per process group in each throughput phase.
     pub cpu: Vec<CpuPhase>,
-}
-
-/// CPU time spent by each process group during one phase, beside its wall time: on a small
-/// machine the sum shows whether a phase is bound by the cores or by waiting.
-#[derive(Debug, serde::Serialize)]
-pub struct CpuPhase {
-    pub phase: &'static str,
-    pub wall_secs: f64,
-    /// `seaport` (this process), `nats-server`, `postgres` (all backends), `other`.
-    pub cpu_secs: BTreeMap<String, f64>,
-}
-
-/// User + system CPU seconds of every process, grouped by command name, from `/proc`.
-fn cpu_by_process() -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    // Linux reports in clock ticks; 100 per second on every mainstream kernel configuration.
-    const TICKS: f64 = 100.0;
-    for entry in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ... utime(14) stime(15)": comm may hold spaces, so split at ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) else {
-            continue;
-        };
-        let secs = (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / TICKS;
-        let group = match comm {
-            c if c.starts_with("seaport") => "seaport",
-            "nats-server" | "postgres" => comm,
-            _ => "other",
-        };
-        *out.entry(group.to_owned()).or_insert(0.0) += secs;
-    }
-    out
-}
-
-fn cpu_phase(phase: &'static str, before: &BTreeMap<String, f64>, wall: Duration) -> CpuPhase {
-    let after = cpu_by_process();
-    let cpu_secs = after
-        .iter()
-        .map(|(k, v)| (k.clone(), (v - before.get(k).copied().unwrap_or(0.0)).max(0.0)))
-        .collect();
-    CpuPhase {
-        phase,
-        wall_secs: wall.as_secs_f64(),
-        cpu_secs,
-    }
 }
 
 /// Latency percentiles, in milliseconds.
@@ -482,7 +434,7 @@ async fn consumer_phase(
     let (stop_consumer, consumer_stopped) = watch::channel(false);
     let bar = progress::bar(total as u64, "consumer runner draining the stream");
     let started = Instant::now();
-    let cpu_before = cpu_by_process();
+    let cpu_before = cpu::Snapshot::take();
     let consumer_task = tokio::spawn(runner.run(consumer_stopped));
     // Done when JetStream has every message acked (a cheap server call; counting the effects
     // table every few ms would cost the database more than the consumer does).
@@ -498,7 +450,7 @@ async fn consumer_phase(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
-    cpu.push(cpu_phase(phase, &cpu_before, started.elapsed()));
+    cpu.push(cpu_before.phase(phase, started.elapsed()));
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -551,9 +503,12 @@ impl ScratchDatabase {
     }
 }
 
-/// The pipelining window of both the raw loop and the relay (its batch size, the relay's
-/// default), and the consumers' fetch size.
+/// The relay's batch size (its default) and the consumers' fetch size.
 const WINDOW: usize = 1024;
+
+/// Messages the raw loop keeps in flight: as many as the relay does (two claims' worth, see
+/// `Pipeline` in `outbox/relay.rs`), so that the limit is measured at the same depth.
+const RAW_IN_FLIGHT: usize = 2 * WINDOW;
 
 pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(
@@ -625,10 +580,10 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         // machine's speed drifts within a run, and the relay sits between the two.
         let total = events.len() as u64;
         let started = Instant::now();
-        let cpu_before = cpu_by_process();
+        let cpu_before = cpu::Snapshot::take();
         let raw_before = raw_publish(&js, &format!("{raw_root}.bench.happened"), &events).await?;
         eprintln!("raw JetStream publish: {raw_before:.0}/s");
-        let mut cpu = vec![cpu_phase("raw publish", &cpu_before, started.elapsed())];
+        let mut cpu = vec![cpu_before.phase("raw publish", started.elapsed())];
 
         // 1b. The relay, from a pre-filled outbox.
         let outbox = Outbox::new();
@@ -663,7 +618,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         );
         let bar = progress::bar(total, "relay draining the outbox");
         let started = Instant::now();
-        let cpu_before = cpu_by_process();
+        let cpu_before = cpu::Snapshot::take();
         let mut published = 0;
         while published < events.len() {
             let pass = relay.drain().await?;
@@ -680,7 +635,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        cpu.push(cpu_phase("relay", &cpu_before, started.elapsed()));
+        cpu.push(cpu_before.phase("relay", started.elapsed()));
         drop(relay);
         let raw_after = raw_publish(&js, &format!("{rawb_root}.bench.happened"), &events).await?;
         let raw_rate = (raw_before + raw_after) / 2.0;
@@ -705,7 +660,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             .await?;
         let bar = progress::bar(total, "raw JetStream consume+ack");
         let started = Instant::now();
-        let cpu_before = cpu_by_process();
+        let cpu_before = cpu::Snapshot::take();
         let mut consumed = 0;
         let mut messages = raw_consumer.messages().await?;
         while consumed < events.len() {
@@ -728,7 +683,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             bar.finish_and_clear();
         }
         eprintln!("raw JetStream consume+ack: {raw_consume_rate:.0}/s");
-        cpu.push(cpu_phase("raw consume+ack", &cpu_before, started.elapsed()));
+        cpu.push(cpu_before.phase("raw consume+ack", started.elapsed()));
 
         // 3b. The consumer runner: inbox dedupe + one effect row per message, batched
         // transactions; first with a per-event handler, then with one that writes a batch's
@@ -827,6 +782,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             raw_publish_runs_per_sec: [raw_before, raw_after],
             relay_per_sec: relay_rate,
             relay_vs_raw: relay_rate / raw_rate,
+            relay_cpu_bound_vs_raw: relay_cpu_bound(&cpu),
             two_relays_per_sec: relay2_rate,
             two_relays_vs_raw: relay2_rate / raw_rate,
             raw_consume_per_sec: raw_consume_rate,
@@ -853,12 +809,12 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
     outcome
 }
 
-/// The raw limit: a bare async-nats loop publishing `events` to `subject`, `WINDOW` in flight
+/// The raw limit: a bare async-nats loop publishing `events` to `subject`, `RAW_IN_FLIGHT` in flight
 /// (a sliding window), with the relay's headers. Events per second.
 async fn raw_publish(js: &jetstream::Context, subject: &str, events: &[Event]) -> anyhow::Result<f64> {
     let bar = progress::bar(events.len() as u64, "raw JetStream publish");
     let started = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(WINDOW);
+    let mut in_flight = VecDeque::with_capacity(RAW_IN_FLIGHT);
     for (i, e) in events.iter().enumerate() {
         if i % WINDOW == 0
             && let Some(bar) = &bar
@@ -872,7 +828,7 @@ async fn raw_publish(js: &jetstream::Context, subject: &str, events: &[Event]) -
             .payload(Bytes::from(e.to_json()))
             .headers(headers);
         in_flight.push_back(js.send_publish(subject.to_owned(), msg).await?);
-        if in_flight.len() >= WINDOW {
+        if in_flight.len() >= RAW_IN_FLIGHT {
             in_flight.pop_front().expect("non-empty").await?;
         }
     }
@@ -884,6 +840,15 @@ async fn raw_publish(js: &jetstream::Context, subject: &str, events: &[Event]) -
         bar.finish_and_clear();
     }
     Ok(rate)
+}
+
+/// See [`BenchReport::relay_cpu_bound_vs_raw`]; 0 when a phase's reading is missing.
+fn relay_cpu_bound(cpu: &[cpu::CpuPhase]) -> f64 {
+    let phase = |name: &str| cpu.iter().find(|p| p.phase == name);
+    match (phase("raw publish"), phase("relay")) {
+        (Some(raw), Some(relay)) if raw.total() > 0.0 => raw.total() / (raw.total() + relay.of("postgres")),
+        _ => 0.0,
+    }
 }
 
 pub fn print(report: &BenchReport, json: bool) {
@@ -900,6 +865,13 @@ pub fn print(report: &BenchReport, json: bool) {
         "  outbox relay (pre-filled)       : {:>10.0} events/s  ({:.2}x raw)",
         report.relay_per_sec, report.relay_vs_raw
     );
+    if report.relay_cpu_bound_vs_raw > 0.0 {
+        println!(
+            "    bound on these cores          : {:>10.2}x raw  (bare loop's CPU + PostgreSQL's claims; relay at {:.0}% of it)",
+            report.relay_cpu_bound_vs_raw,
+            100.0 * report.relay_vs_raw / report.relay_cpu_bound_vs_raw
+        );
+    }
     println!(
         "  two relays, 8 partitions each   : {:>10.0} events/s  ({:.2}x raw)",
         report.two_relays_per_sec, report.two_relays_vs_raw
@@ -928,10 +900,16 @@ pub fn print(report: &BenchReport, json: bool) {
         report.latency_max_ms,
         report.latency_samples
     );
-    println!("Where the time went (CPU seconds by process during each phase; 2 cores = 2 s per wall second)");
+    println!("Where the time went (CPU seconds by process during each phase, and how busy the machine's cores were)");
     for p in &report.cpu {
         let parts: Vec<String> = p.cpu_secs.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
-        println!("  {:<16} wall {:>6.2} s: {}", p.phase, p.wall_secs, parts.join(", "));
+        println!(
+            "  {:<16} wall {:>6.2} s, cores {:>3.0}% busy: {}",
+            p.phase,
+            p.wall_secs,
+            100.0 * p.machine_busy,
+            parts.join(", ")
+        );
     }
     println!("Embedded (SQLite + embedded broker)");
     println!(

@@ -14,6 +14,7 @@
 //! On a terminal a progress bar counts the runs ([`crate::progress`]); it moves between runs
 //! only, never while one is measured. Elsewhere each run's result line is the progress.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -32,8 +33,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::app::{self, AppState, Config, Role};
 use crate::cases::routes::router_without_idempotency;
-use crate::progress;
 use crate::webhooks::Webhooks;
+use crate::{cpu, progress};
 
 /// Which databases to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +103,12 @@ pub struct RunStats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// CPU per request over the measured window, µs, by process group (`seaport` is the
+    /// service and the load generator together, `postgres` every backend). Per-process
+    /// accounting on some VMs over-reports in absolute terms; compare bare with layered.
+    pub cpu_us_per_request: BTreeMap<String, f64>,
+    /// Share of all cores' time that was not idle over the measured window, 0 to 1.
+    pub machine_busy: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -371,6 +378,14 @@ async fn drive(config: &BenchHttpConfig, url: &str) -> anyhow::Result<RunStats> 
             anyhow::Ok((latencies, last_done))
         });
     }
+    // Where the measured window's time went, read beside the workers.
+    let sampler = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = cpu::Snapshot::take();
+        tokio::time::sleep_until(until.into()).await;
+        before.phase("post /cases", until - measure_from)
+    });
+    let _sampler_guard = AbortOnDrop(sampler.abort_handle());
     let mut all = Vec::new();
     let mut end = measure_from;
     while let Some(joined) = workers.join_next().await {
@@ -380,6 +395,12 @@ async fn drive(config: &BenchHttpConfig, url: &str) -> anyhow::Result<RunStats> 
         end = end.max(last_done);
     }
     anyhow::ensure!(!all.is_empty(), "no request completed in the measured window");
+    let window = sampler.await.context("the CPU sampler failed")?;
+    let cpu_us_per_request = window
+        .cpu_secs
+        .iter()
+        .map(|(group, secs)| (group.clone(), secs * 1e6 / all.len() as f64))
+        .collect();
     all.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let pct = |p: f64| ms(all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1]);
@@ -389,7 +410,18 @@ async fn drive(config: &BenchHttpConfig, url: &str) -> anyhow::Result<RunStats> 
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         max_ms: ms(*all.last().expect("not empty")),
+        cpu_us_per_request,
+        machine_busy: window.machine_busy,
     })
+}
+
+/// Aborts a spawned task when a run ends early (a failed request).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Each figure's median over the rounds (so one noisy round moves none of them).
@@ -410,6 +442,17 @@ fn median_stats(rounds: &[RunStats]) -> RunStats {
         p50_ms: of(|r| r.p50_ms),
         p99_ms: of(|r| r.p99_ms),
         max_ms: of(|r| r.max_ms),
+        cpu_us_per_request: rounds
+            .iter()
+            .flat_map(|r| r.cpu_us_per_request.keys())
+            .map(|group| {
+                let per_round = rounds
+                    .iter()
+                    .map(|r| r.cpu_us_per_request.get(group).copied().unwrap_or(0.0));
+                (group.clone(), median(per_round.collect()))
+            })
+            .collect(),
+        machine_busy: of(|r| r.machine_busy),
     }
 }
 
@@ -437,6 +480,23 @@ pub fn print(report: &HttpBenchReport, json: bool) -> anyhow::Result<()> {
             println!(
                 "{:<9} {:<8} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>6}",
                 b.backend, variant, s.req_per_sec, s.p50_ms, s.p99_ms, s.max_ms, ratio
+            );
+        }
+    }
+    println!("CPU per request (µs, medians; seaport = service + load generator) and how busy the cores were");
+    for b in &report.backends {
+        for (variant, s) in [("bare", &b.bare), ("layered", &b.layered)] {
+            let parts: Vec<String> = s
+                .cpu_us_per_request
+                .iter()
+                .map(|(group, us)| format!("{group} {us:.0}"))
+                .collect();
+            println!(
+                "{:<9} {:<8} cores {:>3.0}% busy: {}",
+                b.backend,
+                variant,
+                100.0 * s.machine_busy,
+                parts.join(", ")
             );
         }
     }

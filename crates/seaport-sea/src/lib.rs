@@ -15,6 +15,7 @@ pub mod bench_http;
 pub mod cases;
 pub mod chaos;
 pub mod consumers;
+pub mod cpu;
 pub mod crm;
 pub mod logging;
 pub mod observe;

@@ -140,7 +140,11 @@ async fn a_takeover_that_waits_too_long_gives_the_partition_back() {
         },
     );
     relay.run_once().await.unwrap();
-    assert_eq!(relay.owned_partitions(), Vec::<i64>::new(), "no partition while the claim went on");
+    assert_eq!(
+        relay.owned_partitions(),
+        Vec::<i64>::new(),
+        "no partition while the claim went on"
+    );
     let locked: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = 0 AND objsubid = 2
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -184,7 +188,10 @@ async fn claims_do_not_queue_behind_a_takeover() {
     }
     tx.commit().await.unwrap();
     // A claim in flight holds the fence; a takeover waits for it.
-    let (ns, fence) = (seaport::outbox::relay::LOCK_NAMESPACE, seaport::outbox::relay::FENCE_KEY);
+    let (ns, fence) = (
+        seaport::outbox::relay::LOCK_NAMESPACE,
+        seaport::outbox::relay::FENCE_KEY,
+    );
     let mut in_flight = pg.pool().begin().await.unwrap();
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
         .bind(ns)
@@ -225,7 +232,11 @@ async fn claims_do_not_queue_behind_a_takeover() {
     assert_eq!(pass.published, 0, "nothing is claimed while a takeover waits");
     in_flight.rollback().await.unwrap();
     takeover.await.unwrap();
-    assert_eq!(relay.drain().await.unwrap().published, 2, "and everything once it passed");
+    assert_eq!(
+        relay.drain().await.unwrap().published,
+        2,
+        "and everything once it passed"
+    );
     f.cleanup().await;
 }
 
