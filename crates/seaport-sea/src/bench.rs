@@ -503,12 +503,9 @@ impl ScratchDatabase {
     }
 }
 
-/// The relay's batch size (its default) and the consumers' fetch size.
+/// The pipelining window of both the raw loop and the relay (its batch size, the relay's
+/// default), and the consumers' fetch size.
 const WINDOW: usize = 1024;
-
-/// Messages the raw loop keeps in flight: as many as the relay does (two claims' worth, see
-/// `Pipeline` in `outbox/relay.rs`), so that the limit is measured at the same depth.
-const RAW_IN_FLIGHT: usize = 2 * WINDOW;
 
 pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(
@@ -809,12 +806,12 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
     outcome
 }
 
-/// The raw limit: a bare async-nats loop publishing `events` to `subject`, `RAW_IN_FLIGHT` in flight
+/// The raw limit: a bare async-nats loop publishing `events` to `subject`, `WINDOW` in flight
 /// (a sliding window), with the relay's headers. Events per second.
 async fn raw_publish(js: &jetstream::Context, subject: &str, events: &[Event]) -> anyhow::Result<f64> {
     let bar = progress::bar(events.len() as u64, "raw JetStream publish");
     let started = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(RAW_IN_FLIGHT);
+    let mut in_flight = VecDeque::with_capacity(WINDOW);
     for (i, e) in events.iter().enumerate() {
         if i % WINDOW == 0
             && let Some(bar) = &bar
@@ -828,7 +825,7 @@ async fn raw_publish(js: &jetstream::Context, subject: &str, events: &[Event]) -
             .payload(Bytes::from(e.to_json()))
             .headers(headers);
         in_flight.push_back(js.send_publish(subject.to_owned(), msg).await?);
-        if in_flight.len() >= RAW_IN_FLIGHT {
+        if in_flight.len() >= WINDOW {
             in_flight.pop_front().expect("non-empty").await?;
         }
     }

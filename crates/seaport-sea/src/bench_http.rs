@@ -90,6 +90,11 @@ pub struct BackendReport {
     pub layered: RunStats,
     /// Layered requests/s over bare requests/s (target: >= 0.85).
     pub ratio: f64,
+    /// PostgreSQL only: the most the ratio could be on these cores if the layer cost the
+    /// service nothing and only its statements' PostgreSQL CPU were added to the bare request's
+    /// CPU: bare CPU / (bare CPU + layered PostgreSQL CPU − bare PostgreSQL CPU), per request.
+    /// Meaningful when both variants keep the cores busy (`machine_busy` near 1).
+    pub ratio_cpu_bound: Option<f64>,
     pub bare_rounds: Vec<RunStats>,
     pub layered_rounds: Vec<RunStats>,
 }
@@ -311,6 +316,7 @@ async fn measure(
         anyhow::Ok(BackendReport {
             backend: backend.to_owned(),
             ratio: layered_median.req_per_sec / bare_median.req_per_sec,
+            ratio_cpu_bound: cpu_bound(&bare_median, &layered_median),
             bare: bare_median,
             layered: layered_median,
             bare_rounds,
@@ -415,6 +421,13 @@ async fn drive(config: &BenchHttpConfig, url: &str) -> anyhow::Result<RunStats> 
     })
 }
 
+/// See [`BackendReport::ratio_cpu_bound`]; `None` without PostgreSQL readings.
+fn cpu_bound(bare: &RunStats, layered: &RunStats) -> Option<f64> {
+    let pg = |s: &RunStats| s.cpu_us_per_request.get("postgres").copied().unwrap_or(0.0);
+    let bare_total: f64 = bare.cpu_us_per_request.values().sum();
+    (pg(bare) > 0.0 && bare_total > 0.0).then(|| bare_total / (bare_total + (pg(layered) - pg(bare)).max(0.0)))
+}
+
 /// Aborts a spawned task when a run ends early (a failed request).
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -497,6 +510,12 @@ pub fn print(report: &HttpBenchReport, json: bool) -> anyhow::Result<()> {
                 variant,
                 100.0 * s.machine_busy,
                 parts.join(", ")
+            );
+        }
+        if let Some(bound) = b.ratio_cpu_bound {
+            println!(
+                "{:<9} bound on these cores if the layer cost the service nothing: {bound:.2}x (bare CPU + the layer's PostgreSQL CPU)",
+                b.backend
             );
         }
     }

@@ -31,9 +31,9 @@ pub fn router(app: &AppState) -> Router<AppState> {
 /// The same routes with `POST /cases` *not* behind the Idempotency-Key layer: only for
 /// `seaport bench-http`, which measures what the layer costs. Never serve this.
 ///
-/// What differs from [`router`]: no key is read, claimed (its own committed transaction) or
-/// released, the response is not buffered and stored; the handler begins its transaction from
-/// the pool and commits it itself instead of the layer doing both. Parsing, validation, the CRM
+/// What differs from [`router`]: no key is read, held or written, the response is not
+/// buffered and stored; the handler begins its transaction from the pool and commits it itself
+/// instead of the layer doing both. Parsing, validation, the CRM
 /// check and every write of the case (case row, outbox event) run the same code as
 /// [`create_case`] (`prepare_case`, `write_case`).
 pub fn router_without_idempotency() -> Router<AppState> {

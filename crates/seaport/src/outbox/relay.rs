@@ -244,9 +244,7 @@ impl Relay {
             locks.rebalance_if_due(self.config.rebalance_interval).await;
         }
         let broker = self.broker.clone();
-        // Room for every message of the claims it may hold: the next claim's go out while the
-        // previous one's confirmations come back (+10% at batches of 1024, BENCHMARKS.md).
-        let mut pipeline = Pipeline::new(CLAIMS_IN_FLIGHT * self.config.batch_size.max(1));
+        let mut pipeline = Pipeline::new(self.config.batch_size.max(1));
         // Per drain: its partitions do not change until it ends. A claimed row comes back only
         // when its claim rolls back: after a refusal or a short answer (the drain stops
         // sending), or a claim whose commit failed (its messages were all confirmed already,
@@ -649,7 +647,7 @@ impl Claim {
 /// Messages go out in claim order, and within a claim in seq order. A claim is settled (see
 /// [`Claim::settle`]) once all of its messages that were sent have been answered. A refused
 /// message stops the pipeline: nothing more is sent, the messages already in flight (at most
-/// a window, two claims' worth) are answered and settled, and the drain returns.
+/// a window, as within one batch before) are answered and settled, and the drain returns.
 struct Pipeline {
     window: usize,
     /// Sent, not yet answered: the claim each belongs to, its seq and its confirmation.
