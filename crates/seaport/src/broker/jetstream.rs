@@ -245,7 +245,16 @@ impl Subscription for JetStreamSubscription {
         let messages = self.messages.as_mut().expect("set above");
         let mut out = Vec::new();
         let first = match tokio::time::timeout(max_wait, messages.next()).await {
-            Err(_) => return Ok(out),
+            Err(_) => {
+                if self.pull_lost().await {
+                    tracing::warn!(
+                        consumer = %self.consumer.cached_info().name,
+                        "messages are pending but the server holds no pull of this consumer; starting a fresh pull"
+                    );
+                    self.messages = None;
+                }
+                return Ok(out);
+            }
             Ok(None) => {
                 self.messages = None;
                 return Err(BrokerError::Closed);
@@ -266,6 +275,30 @@ impl Subscription for JetStreamSubscription {
         }
         Ok(out)
     }
+}
+
+impl JetStreamSubscription {
+    /// After a wait that brought nothing: does the server hold messages for this consumer but
+    /// no pull request to deliver them to? Then the continuous pull is stuck: async-nats
+    /// believes a request outstanding that the server no longer has (seen with nats-server
+    /// 2.9; BENCHMARKS.md, ninth round), and would only notice after two missed idle
+    /// heartbeats, ten seconds. Asking costs one request per idle `max_wait`.
+    async fn pull_lost(&mut self) -> bool {
+        match self.consumer.info().await {
+            Ok(info) => stuck(info.num_pending, info.num_waiting),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the consumer's state");
+                false
+            }
+        }
+    }
+}
+
+/// Messages pending, and no pull request waiting for them, from any subscriber of the durable
+/// (a pull waiting elsewhere will take them). While the consumer is at its `max_ack_pending`, a
+/// pull still waits, so that is not a stuck pull.
+fn stuck(num_pending: u64, num_waiting: usize) -> bool {
+    num_pending > 0 && num_waiting == 0
 }
 
 fn to_delivery(m: jetstream::Message, max_deliver: u32, confirm_acks: bool) -> Result<Delivery, BrokerError> {
@@ -322,5 +355,93 @@ impl Acker for JsAcker {
             .ack_with(AckKind::Nak(Some(delay)))
             .await
             .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn nats_url() -> String {
+        std::env::var("SEAPORT_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    }
+
+    #[test]
+    fn a_pull_is_stuck_only_with_messages_pending_and_no_pull_waiting() {
+        assert!(stuck(3, 0));
+        assert!(!stuck(0, 0), "nothing to deliver: an idle pull");
+        assert!(
+            !stuck(3, 1),
+            "a pull waits (at max_ack_pending, or another subscriber's)"
+        );
+    }
+
+    /// A continuous pull that the server does not hold for this consumer (here: another
+    /// consumer's, which never gets these messages) is replaced after one empty wait, instead
+    /// of after two missed idle heartbeats (ten seconds).
+    #[tokio::test]
+    async fn a_pull_the_server_does_not_hold_is_replaced_after_one_empty_wait() {
+        let broker = JetStreamBroker::connect(&nats_url())
+            .await
+            .expect("NATS with JetStream must run for this test (bash scripts/services)");
+        let name = format!("T_STUCK_{}", uuid::Uuid::now_v7().simple());
+        let root = name.to_lowercase();
+        broker.ensure_stream(&name, &[&format!("{root}.>")]).await.unwrap();
+        let stream = broker.js.get_stream(&name).await.unwrap();
+        let config = |durable: &str, filter: String| consumer::pull::Config {
+            durable_name: Some(durable.to_owned()),
+            filter_subject: filter,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        };
+        let other: consumer::PullConsumer = stream
+            .get_or_create_consumer("other", config("other", format!("{root}.nothing")))
+            .await
+            .unwrap();
+        let real: consumer::PullConsumer = stream
+            .get_or_create_consumer("real", config("real", format!("{root}.events.>")))
+            .await
+            .unwrap();
+        let not_ours = other
+            .stream()
+            .max_messages_per_batch(10)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .unwrap();
+        let mut sub = JetStreamSubscription {
+            consumer: real,
+            messages: Some(not_ours),
+            max_deliver: 5,
+            confirm_acks: true,
+        };
+        let sent: Vec<OutgoingMessage> = (0..3)
+            .map(|i| OutgoingMessage {
+                id: format!("m{i}"),
+                subject: format!("{root}.events.x"),
+                headers: BTreeMap::new(),
+                payload: Bytes::from_static(b"{}"),
+            })
+            .collect();
+        for r in broker.publish(&sent).await {
+            r.unwrap();
+        }
+
+        let first = sub.fetch(10, Duration::from_millis(300)).await.unwrap();
+        assert!(first.is_empty(), "the pull held is another consumer's");
+        let started = Instant::now();
+        let mut got = Vec::new();
+        while got.len() < sent.len() && started.elapsed() < Duration::from_secs(4) {
+            got.extend(sub.fetch(10, Duration::from_millis(300)).await.unwrap());
+        }
+        let result = got.len();
+        for d in &got {
+            d.ack().await.unwrap();
+        }
+        broker.js.delete_stream(&name).await.unwrap();
+        assert_eq!(result, sent.len(), "the pull the server does not hold was not replaced");
     }
 }
