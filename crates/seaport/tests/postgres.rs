@@ -584,3 +584,214 @@ async fn a_slow_broker_does_not_make_a_drain_hold_claims_open_without_bound() {
     assert_eq!(got, want, "every event published once the broker answers");
     f.cleanup().await;
 }
+
+/// Commits `n` events, `keys` ordering keys round robin; returns their seqs, lowest first.
+async fn write_spread(f: &Fixture, n: usize, keys: usize) -> Vec<i64> {
+    let mut tx = f.db.begin_write().await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let e =
+            Event::new(f.subject("x.kept"), "/t", serde_json::json!({ "n": i })).with_subject(format!("k{}", i % keys));
+        seqs.push(Outbox::new().insert(&mut tx, &e).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    seqs
+}
+
+async fn outbox_rows(f: &Fixture) -> i64 {
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap()
+}
+
+/// After a clean drain the next one starts at its horizon instead of walking the deleted rows
+/// again, for at most the poll interval. A row that reappears below the horizon without the
+/// relay seeing it (here put back with its old seq, as a claim's asynchronously committed delete
+/// lost in a database crash would) goes out once that has passed. Fails if the horizon is not
+/// kept (the row goes out at once), or kept longer (it never does).
+#[tokio::test]
+async fn a_clean_drain_keeps_its_horizon_for_at_most_the_poll_interval() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    let poll = Duration::from_secs(2);
+    let mut relay = Relay::new(
+        f.another_db().await,
+        f.broker.clone(),
+        RelayConfig {
+            poll_interval: poll,
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let seqs = write_spread(&f, 5, 5).await;
+    sqlx::query("CREATE TABLE lost_delete AS SELECT * FROM seaport_outbox WHERE seq = $1")
+        .bind(seqs[0])
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let kept_from = std::time::Instant::now();
+    assert_eq!(relay.drain().await.unwrap().published, 5);
+    let horizon = relay.kept_horizon().expect("a clean drain keeps its horizon");
+    assert!(horizon >= seqs[4], "horizon {horizon} below the drained seqs {seqs:?}");
+
+    sqlx::query("INSERT INTO seaport_outbox SELECT * FROM lost_delete")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(relay.drain().await.unwrap().published, 0);
+    assert!(
+        kept_from.elapsed() < poll,
+        "the machine was too slow for this test's timing"
+    );
+    assert_eq!(outbox_rows(&f).await, 1, "the next drain started at the kept horizon");
+
+    tokio::time::sleep(poll.saturating_sub(kept_from.elapsed()) + Duration::from_millis(50)).await;
+    assert_eq!(relay.drain().await.unwrap().published, 1);
+    assert_eq!(
+        outbox_rows(&f).await,
+        0,
+        "the row below the horizon went out after the poll interval"
+    );
+    f.cleanup().await;
+}
+
+/// Refuses the message with one event id; everything else goes through.
+struct Refusing {
+    inner: std::sync::Arc<dyn seaport::broker::Broker>,
+    id: std::sync::Mutex<Option<String>>,
+}
+
+#[async_trait::async_trait]
+impl seaport::broker::Broker for Refusing {
+    async fn ensure_stream(&self, name: &str, subjects: &[&str]) -> Result<(), seaport::broker::BrokerError> {
+        self.inner.ensure_stream(name, subjects).await
+    }
+    async fn publish(
+        &self,
+        messages: &[seaport::broker::OutgoingMessage],
+    ) -> Vec<Result<seaport::broker::PublishAck, seaport::broker::BrokerError>> {
+        let mut results = Vec::new();
+        for p in self.send(messages).await {
+            results.push(p.await);
+        }
+        results
+    }
+    async fn send(&self, messages: &[seaport::broker::OutgoingMessage]) -> Vec<seaport::broker::PendingPublish> {
+        let refused = self.id.lock().unwrap().clone();
+        let mut out = Vec::new();
+        for m in messages {
+            if refused.as_deref() == Some(m.id.as_str()) {
+                out.push(Box::pin(async {
+                    Err(seaport::broker::BrokerError::Unavailable("refused by the test".into()))
+                }) as seaport::broker::PendingPublish);
+            } else {
+                out.extend(self.inner.send(std::slice::from_ref(m)).await);
+            }
+        }
+        out
+    }
+    async fn subscribe(
+        &self,
+        stream: &str,
+        config: ConsumerConfig,
+    ) -> Result<Box<dyn seaport::broker::Subscription>, seaport::broker::BrokerError> {
+        self.inner.subscribe(stream, config).await
+    }
+    async fn consumer_state(
+        &self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<Option<seaport::broker::ConsumerState>, seaport::broker::BrokerError> {
+        self.inner.consumer_state(stream, durable).await
+    }
+}
+
+/// A drain whose claim rolled back (a refused message) keeps no horizon: the refused row, below
+/// the horizon its claim proved, goes out on the very next drain, not after the poll interval
+/// (an hour here). Fails if the horizon were kept after a refusal.
+#[tokio::test]
+async fn a_drain_that_gave_rows_back_keeps_no_horizon() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    let broker = std::sync::Arc::new(Refusing {
+        inner: f.broker.clone(),
+        id: std::sync::Mutex::new(None),
+    });
+    let mut relay = Relay::new(
+        f.another_db().await,
+        broker.clone(),
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            rebalance_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let seqs = write_spread(&f, 4, 4).await;
+    let refused: String = sqlx::query_scalar("SELECT event_id FROM seaport_outbox WHERE seq = $1")
+        .bind(seqs[0])
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    *broker.id.lock().unwrap() = Some(refused);
+    let pass = relay.drain().await.unwrap();
+    assert_eq!(pass.failed, 1);
+    assert_eq!(relay.kept_horizon(), None, "no horizon is kept after rows came back");
+    *broker.id.lock().unwrap() = None;
+    while relay.drain().await.unwrap().published > 0 {}
+    assert_eq!(outbox_rows(&f).await, 0, "the refused row went out on the next drain");
+    f.cleanup().await;
+}
+
+/// A relay that takes partitions over starts its next drain from the beginning: the dead relay's
+/// unpublished rows may lie below the horizon the survivor kept for its own partitions. The poll
+/// interval is an hour, so only the change of partitions can make them go out.
+#[tokio::test]
+async fn a_relay_that_takes_partitions_over_drops_its_kept_horizon() {
+    let f = Fixture::new(Kind::PgJetStream).await;
+    let config = RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        rebalance_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mut a = Relay::new(f.another_db().await, f.broker.clone(), config.clone());
+    let mut b = Relay::new(f.another_db().await, f.broker.clone(), config.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        a.drain().await.unwrap();
+        b.drain().await.unwrap();
+        if a.owned_partitions().len() == 8 && b.owned_partitions().len() == 8 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relays did not split the partitions"
+        );
+    }
+    write_spread(&f, 64, 64).await;
+    tokio::time::sleep(Duration::from_millis(120)).await; // the next drain's rebalance changes nothing
+    a.drain().await.unwrap();
+    let horizon = a.kept_horizon().expect("a clean drain keeps its horizon");
+    let Db::Postgres(pg) = &f.db else { unreachable!() };
+    let below: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seaport_outbox WHERE seq < $1")
+        .bind(horizon)
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert!(below > 0, "some of b's rows lie below a's horizon (the test's premise)");
+
+    drop(b); // dies without publishing its rows
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while outbox_rows(&f).await > 0 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        a.drain().await.unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the survivor did not publish the dead relay's rows (owns {:?})",
+            a.owned_partitions()
+        );
+    }
+    f.cleanup().await;
+}

@@ -149,6 +149,30 @@ pub struct Relay {
     broker: Arc<dyn Broker>,
     config: RelayConfig,
     partitions: Option<PartitionLocks>,
+    /// PostgreSQL: the horizon the last drain ended with, if it ended cleanly (see
+    /// [`KeptHorizon`]).
+    kept: Option<KeptHorizon>,
+}
+
+/// A drain's [`Horizon`], kept for the next drain of the same relay.
+///
+/// **Why.** A horizon that starts again at the beginning of the outbox makes each drain's first
+/// claim walk every index entry of rows deleted since the table was last vacuumed. Under a steady
+/// trickle nearly every commit starts a drain, and that walk grew with the dead rows: 1.7 ms per
+/// drain after 200,000 deleted rows, more than the whole claim (BENCHMARKS.md, tenth round).
+///
+/// **Why it stays true.** The horizon's proof (see [`Horizon`]) does not end with the drain: a
+/// row at or below it was claimed by this relay, and a writer that takes a seq later gets a
+/// higher one. It breaks only when a claimed row comes back or another relay's rows become ours:
+/// - a claim rolled back (a refusal, a failed commit, an error): the horizon is not kept;
+/// - the owned partitions changed (or the lock connection did): [`PartitionLocks::generation`];
+/// - anything this relay cannot see, such as a claim's asynchronously committed delete lost in a
+///   database crash: the horizon is kept at most [`RelayConfig::poll_interval`], the relay's
+///   fallback, after which a drain starts from the beginning again.
+struct KeptHorizon {
+    horizon: Horizon,
+    generation: u64,
+    since: Instant,
 }
 
 impl Relay {
@@ -163,6 +187,7 @@ impl Relay {
             broker,
             config,
             partitions,
+            kept: None,
         }
     }
 
@@ -245,11 +270,21 @@ impl Relay {
         }
         let broker = self.broker.clone();
         let mut pipeline = Pipeline::new(self.config.batch_size.max(1));
-        // Per drain: its partitions do not change until it ends. A claimed row comes back only
-        // when its claim rolls back: after a refusal or a short answer (the drain stops
-        // sending), or a claim whose commit failed (its messages were all confirmed already,
-        // so sending them again only makes duplicates, which the broker and inboxes drop).
-        let mut horizon = Horizon::default();
+        // A drain's partitions do not change until it ends. A claimed row comes back only when
+        // its claim rolls back: after a refusal or a short answer (the drain stops sending), or
+        // a claim whose commit failed (its messages were all confirmed already, so sending them
+        // again only makes duplicates, which the broker and inboxes drop). The next drain then
+        // starts from the beginning; after a clean drain it starts where this one ended.
+        let generation = self.partitions.as_ref().map_or(0, |l| l.generation);
+        let mut kept = match self.kept.take() {
+            Some(k) if k.generation == generation && k.since.elapsed() < self.config.poll_interval => k,
+            _ => KeptHorizon {
+                horizon: Horizon::default(),
+                generation,
+                since: Instant::now(),
+            },
+        };
+        let horizon = &mut kept.horizon;
         let mut next = self.claim(horizon.seq).await;
         loop {
             let claim = match next {
@@ -286,7 +321,20 @@ impl Relay {
             }
             next = claimed;
         }
-        pipeline.finish().await
+        let (pass, gave_back) = pipeline.finish().await;
+        if matches!(&pass, Ok(p) if p.failed == 0) && !gave_back {
+            self.kept = Some(kept);
+        }
+        pass
+    }
+
+    /// PostgreSQL: where the next drain's first claim starts (`None`: at the beginning).
+    #[doc(hidden)]
+    pub fn kept_horizon(&self) -> Option<i64> {
+        self.kept
+            .as_ref()
+            .map(|k| k.horizon.seq)
+            .filter(|s| *s != Horizon::START)
     }
 
     /// Publish a batch (all messages in flight at once); split the seqs into confirmed and
@@ -552,9 +600,10 @@ impl Snapshot {
 /// `min(M, H)`. On an otherwise idle database a claim waits for nothing and moves the horizon to
 /// its own highest seq at once.
 ///
-/// Every row below the horizon has therefore been claimed by this drain. A claimed row comes back
-/// only if its claim rolls back, after which the drain sends nothing more; the next drain starts
-/// from the beginning. A long transaction elsewhere on the database only holds the horizon where
+/// Every row below the horizon has therefore been claimed by this relay. A claimed row comes back
+/// only if its claim rolls back, after which the drain sends nothing more, and the next drain
+/// starts from the beginning; after a clean drain the next one starts from its horizon (see
+/// [`KeptHorizon`]). A long transaction elsewhere on the database only holds the horizon where
 /// it is: claims then scan from there, as all did before.
 ///
 /// **Assumed:** nothing but the relay of a partition locks or updates its outbox rows (`SKIP
@@ -823,7 +872,8 @@ impl Pipeline {
     /// every settle ends before this returns, even after an error: a settle that rolls its
     /// claim back and then deletes the confirmed rows must not race the next drain (or another
     /// relay after a rebalance) into publishing those rows again.
-    async fn finish(mut self) -> Result<RelayPass, sqlx::Error> {
+    /// Answer and settle everything; also whether a claim was rolled back (rows came back).
+    async fn finish(mut self) -> (Result<RelayPass, sqlx::Error>, bool) {
         while !self.in_flight.is_empty() {
             self.answer_oldest().await;
         }
@@ -834,14 +884,15 @@ impl Pipeline {
                 self.error.get_or_insert(e);
             }
         }
+        let gave_back = !self.partial.is_empty() || self.refused;
         for c in std::mem::take(&mut self.partial) {
             if let Err(e) = c.claim.settle(c.confirmed, c.failed).await {
                 self.error.get_or_insert(e);
             }
         }
         match self.error {
-            Some(e) => Err(e),
-            None => Ok(self.total),
+            Some(e) => (Err(e), true),
+            None => (Ok(self.total), gave_back),
         }
     }
 }
@@ -914,6 +965,9 @@ struct PartitionLocks {
     token: String,
     owned: BTreeSet<i64>,
     last: Option<Instant>,
+    /// Changes whenever `owned` or the lock connection does: a drain's kept horizon only holds
+    /// for the partitions it was proven on.
+    generation: u64,
 }
 
 impl PartitionLocks {
@@ -924,6 +978,7 @@ impl PartitionLocks {
             token: String::new(),
             owned: BTreeSet::new(),
             last: None,
+            generation: 0,
         }
     }
 
@@ -936,11 +991,16 @@ impl PartitionLocks {
             return;
         }
         self.last = Some(Instant::now());
+        let before = (self.token.clone(), self.owned.clone());
         if let Err(e) = self.rebalance().await {
             // Without a working lock connection we cannot know what we own: own nothing.
             tracing::warn!(error = %e, "relay lost its partition locks; reconnecting");
             self.owned.clear();
             self.conn = None;
+            self.generation += 1;
+        }
+        if before != (self.token.clone(), self.owned.clone()) {
+            self.generation += 1;
         }
     }
 
@@ -1016,6 +1076,7 @@ impl PartitionLocks {
             let _ = conn.close().await;
         }
         self.owned.clear();
+        self.generation += 1;
     }
 }
 
