@@ -759,7 +759,9 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         );
         let relay_task = tokio::spawn(relay.run(stopped));
         tokio::time::sleep(Duration::from_millis(1500)).await; // partitions taken, relay idle
+        let (started, cpu_before) = (Instant::now(), cpu::Snapshot::take());
         let total = steady_writers(&db, &format!("{lat_root}.bench.latency"), config, &committed).await?;
+        cpu.push(cpu_before.phase("steady writers + relay", started.elapsed()));
         let deadline = Instant::now() + Duration::from_secs(30);
         while received.lock().expect("not poisoned").len() < total && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

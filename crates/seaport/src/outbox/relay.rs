@@ -152,6 +152,9 @@ pub struct Relay {
     /// PostgreSQL: the horizon the last drain ended with, if it ended cleanly (see
     /// [`KeptHorizon`]).
     kept: Option<KeptHorizon>,
+    /// The last drain ended because a claim came back empty (not to let a rebalance in): what
+    /// commits after it is announced by the commit signal, so [`Relay::run`] need not look again.
+    ran_dry: bool,
 }
 
 /// A drain's [`Horizon`], kept for the next drain of the same relay.
@@ -188,6 +191,7 @@ impl Relay {
             config,
             partitions,
             kept: None,
+            ran_dry: false,
         }
     }
 
@@ -261,6 +265,7 @@ impl Relay {
                 total.published += pass.published;
                 total.failed += pass.failed;
                 if pass.published == 0 || pass.failed > 0 {
+                    self.ran_dry = pass.published == 0 && pass.failed == 0;
                     return Ok(total);
                 }
             }
@@ -285,11 +290,16 @@ impl Relay {
             },
         };
         let horizon = &mut kept.horizon;
+        self.ran_dry = false;
+        let mut ran_dry = false;
         let mut next = self.claim(horizon.seq).await;
         loop {
             let claim = match next {
                 Ok(Some(c)) => c,
-                Ok(None) => break,
+                Ok(None) => {
+                    ran_dry = true;
+                    break;
+                }
                 Err(e) => {
                     pipeline.error.get_or_insert(e);
                     break;
@@ -324,6 +334,7 @@ impl Relay {
         let (pass, gave_back) = pipeline.finish().await;
         if matches!(&pass, Ok(p) if p.failed == 0) && !gave_back {
             self.kept = Some(kept);
+            self.ran_dry = ran_dry;
         }
         pass
     }
@@ -431,9 +442,9 @@ impl Relay {
             }
             commits.borrow_and_update();
             let wait = match self.drain().await {
-                Ok(pass) if pass.failed == 0 && pass.published > 0 => {
+                Ok(pass) if pass.failed == 0 && pass.published > 0 && !self.ran_dry => {
                     backoff = Duration::from_millis(50);
-                    continue; // rows committed during the drain's last fetch
+                    continue; // it stopped for a rebalance: rows are waiting
                 }
                 Ok(pass) if pass.failed == 0 => {
                     backoff = Duration::from_millis(50);
