@@ -65,6 +65,12 @@ pub struct BenchReport {
     /// the cores busy (see `machine_busy` in `cpu`); with the database on its own host it does
     /// not apply.
     pub relay_cpu_bound_vs_raw: f64,
+    /// The bare loop once more, beside the relay's work without the broker: a relay whose broker
+    /// confirms at the relay's measured rate without sending claims a second pre-filled outbox
+    /// meanwhile. What the cores leave the bare loop while the database and the relay's own
+    /// code do their share; the relay matching it means its gap is the cores' sharing.
+    pub raw_publish_beside_claims_per_sec: f64,
+    pub relay_vs_raw_beside_claims: f64,
     /// Two relays at once, each owning half of the partitions.
     pub two_relays_per_sec: f64,
     pub two_relays_vs_raw: f64,
@@ -584,27 +590,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
 
         // 1b. The relay, from a pre-filled outbox.
         let outbox = Outbox::new();
-        let bar = progress::bar(total, "pre-filling the outbox");
-        let prefill_started = Instant::now();
-        for chunk in events.chunks(1000) {
-            let mut tx = db.begin_write().await?;
-            for e in chunk {
-                outbox
-                    .insert_to(&mut tx, &format!("{relay_root}.bench.happened"), e)
-                    .await?;
-            }
-            tx.commit().await?;
-            if let Some(bar) = &bar {
-                bar.inc(chunk.len() as u64);
-            }
-        }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-        eprintln!(
-            "pre-filled the outbox with {total} events in {:.1} s",
-            prefill_started.elapsed().as_secs_f64()
-        );
+        prefill(&db, &outbox, &format!("{relay_root}.bench.happened"), &events).await?;
         let mut relay = Relay::new(
             db.clone(),
             broker.clone(),
@@ -638,6 +624,49 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         let raw_rate = (raw_before + raw_after) / 2.0;
         eprintln!("raw JetStream publish, again: {raw_after:.0}/s (mean of both {raw_rate:.0}/s)");
         eprintln!("relay: {relay_rate:.0}/s ({:.2}x raw)", relay_rate / raw_rate);
+
+        // 1d. The bare loop beside the relay's work without the broker (see
+        // `BenchReport::raw_publish_beside_claims_per_sec`). Fresh ids: the stream would drop
+        // the earlier ones as duplicates, which costs it less than storing them.
+        let fresh: Vec<Event> = events
+            .iter()
+            .map(|e| {
+                let mut f = e.clone();
+                f.id = uuid::Uuid::now_v7().to_string();
+                f
+            })
+            .collect();
+        prefill(&db, &outbox, &format!("{relay_root}.paced.happened"), &fresh).await?;
+        let mut paced = Relay::new(
+            db.clone(),
+            Arc::new(Paced::new(relay_rate)),
+            RelayConfig {
+                batch_size: WINDOW,
+                ..Default::default()
+            },
+        );
+        let started = Instant::now();
+        let cpu_before = cpu::Snapshot::take();
+        let expected = fresh.len();
+        let claims = tokio::spawn(async move {
+            let mut published = 0;
+            while published < expected {
+                let pass = paced.drain().await?;
+                if pass.published == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                published += pass.published;
+            }
+            anyhow::Ok(())
+        });
+        let beside = raw_publish(&js, &format!("{rawb_root}.beside.happened"), &fresh).await;
+        cpu.push(cpu_before.phase("raw publish beside claims", started.elapsed()));
+        claims.await??;
+        let beside = beside?;
+        eprintln!(
+            "raw JetStream publish beside the relay's claims: {beside:.0}/s (relay {:.2}x of it)",
+            relay_rate / beside
+        );
 
         // 1c. Two relays (the scale-out deployment's many instances), eight partitions each:
         // their claims run on two connections at once. Fresh events (the outbox keeps the
@@ -782,6 +811,8 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
             relay_per_sec: relay_rate,
             relay_vs_raw: relay_rate / raw_rate,
             relay_cpu_bound_vs_raw: relay_cpu_bound(&cpu),
+            raw_publish_beside_claims_per_sec: beside,
+            relay_vs_raw_beside_claims: relay_rate / beside,
             two_relays_per_sec: relay2_rate,
             two_relays_vs_raw: relay2_rate / raw_rate,
             raw_consume_per_sec: raw_consume_rate,
@@ -806,6 +837,106 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
     .await;
     store.close().await;
     outcome
+}
+
+/// Commit `events` to the outbox under `topic`, a thousand per transaction.
+async fn prefill(db: &Db, outbox: &Outbox, topic: &str, events: &[Event]) -> anyhow::Result<()> {
+    let bar = progress::bar(events.len() as u64, "pre-filling the outbox");
+    let started = Instant::now();
+    for chunk in events.chunks(1000) {
+        let mut tx = db.begin_write().await?;
+        for e in chunk {
+            outbox.insert_to(&mut tx, topic, e).await?;
+        }
+        tx.commit().await?;
+        if let Some(bar) = &bar {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "pre-filled the outbox with {} events in {:.1} s",
+        events.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A broker that sends nothing and confirms each message at a fixed rate, as JetStream
+/// confirmed the relay's: a relay on it does the relay's database and own work at the relay's
+/// pace, without the broker's.
+struct Paced {
+    every: Duration,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl Paced {
+    fn new(per_sec: f64) -> Self {
+        Paced {
+            every: Duration::from_secs_f64(1.0 / per_sec.max(1.0)),
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Broker for Paced {
+    async fn ensure_stream(&self, _: &str, _: &[&str]) -> Result<(), seaport::broker::BrokerError> {
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        messages: &[seaport::broker::OutgoingMessage],
+    ) -> Vec<Result<seaport::broker::PublishAck, seaport::broker::BrokerError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for p in self.send(messages).await {
+            results.push(p.await);
+        }
+        results
+    }
+
+    async fn send(&self, messages: &[seaport::broker::OutgoingMessage]) -> Vec<seaport::broker::PendingPublish> {
+        let mut next = self.next.lock().expect("not poisoned");
+        messages
+            .iter()
+            .map(|_| {
+                *next = (*next).max(tokio::time::Instant::now()) + self.every;
+                let at = *next;
+                Box::pin(async move {
+                    // Most are due by the time they are awaited: no timer for those.
+                    if tokio::time::Instant::now() < at {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    Ok(seaport::broker::PublishAck {
+                        stream: "paced".to_owned(),
+                        seq: 0,
+                        duplicate: false,
+                    })
+                }) as seaport::broker::PendingPublish
+            })
+            .collect()
+    }
+
+    async fn subscribe(
+        &self,
+        _: &str,
+        _: ConsumerConfig,
+    ) -> Result<Box<dyn seaport::broker::Subscription>, seaport::broker::BrokerError> {
+        Err(seaport::broker::BrokerError::Unavailable(
+            "the paced broker only confirms".into(),
+        ))
+    }
+
+    async fn consumer_state(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> Result<Option<seaport::broker::ConsumerState>, seaport::broker::BrokerError> {
+        Ok(None)
+    }
 }
 
 /// The raw limit: a bare async-nats loop publishing `events` to `subject`, `WINDOW` in flight
@@ -872,6 +1003,11 @@ pub fn print(report: &BenchReport, json: bool) {
         );
     }
     println!(
+        "    raw publish beside its claims : {:>10.0} events/s  (the relay at {:.2}x of it: the bare loop while the relay's \
+         database and own work run at the relay's rate, without the broker)",
+        report.raw_publish_beside_claims_per_sec, report.relay_vs_raw_beside_claims
+    );
+    println!(
         "  two relays, 8 partitions each   : {:>10.0} events/s  ({:.2}x raw)",
         report.two_relays_per_sec, report.two_relays_vs_raw
     );
@@ -903,7 +1039,7 @@ pub fn print(report: &BenchReport, json: bool) {
     for p in &report.cpu {
         let parts: Vec<String> = p.cpu_secs.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
         println!(
-            "  {:<16} wall {:>6.2} s, cores {:>3.0}% busy: {}",
+            "  {:<27} wall {:>6.2} s, cores {:>3.0}% busy: {}",
             p.phase,
             p.wall_secs,
             100.0 * p.machine_busy,
