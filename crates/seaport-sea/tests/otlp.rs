@@ -149,7 +149,24 @@ async fn spans_reach_the_collector_as_one_tree() {
     let answered = res.headers()["traceparent"].to_str().unwrap().to_owned();
 
     // Wait for: the request span, one consume span per consumer of case.created, and the
-    // audit consumer's span of the notification the notifications consumer emitted.
+    // audit consumer's span of the notification the notifications consumer emitted. Named, not
+    // counted: other consumers' spans of the notification (the notifications consumer reads it
+    // too) may arrive first.
+    let find = |spans: &[Span], consumer: &str, parent: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == "consume" && s.attr("consumer") == Some(consumer) && s.parent == parent)
+            .cloned()
+    };
+    let complete = |spans: &[Span]| {
+        let Some(request) = spans.iter().find(|s| s.name == "request") else {
+            return false;
+        };
+        let under_request = |c: &str| find(spans, c, &request.span_id);
+        under_request(ANALYTICS).is_some()
+            && under_request(AUDIT).is_some()
+            && under_request(NOTIFICATIONS).is_some_and(|n| find(spans, AUDIT, &n.span_id).is_some())
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
         let spans: Vec<Span> = received
@@ -159,8 +176,7 @@ async fn spans_reach_the_collector_as_one_tree() {
             .filter(|s| s.trace_id == trace_id)
             .cloned()
             .collect();
-        let consumes = spans.iter().filter(|s| s.name == "consume").count();
-        if spans.iter().any(|s| s.name == "request") && consumes >= 4 {
+        if complete(&spans) {
             break spans;
         }
         assert!(
@@ -184,11 +200,8 @@ async fn spans_reach_the_collector_as_one_tree() {
         "the response's traceparent names the exported request span"
     );
     let consume_of = |consumer: &str, parent: &str| {
-        spans
-            .iter()
-            .find(|s| s.name == "consume" && s.attr("consumer") == Some(consumer) && s.parent == parent)
+        find(&spans, consumer, parent)
             .unwrap_or_else(|| panic!("no consume span of {consumer} under span {parent}: {spans:#?}"))
-            .clone()
     };
     // case.created: each consumer's span hangs under the request span.
     consume_of(ANALYTICS, &request.span_id);
