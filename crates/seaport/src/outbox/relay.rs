@@ -339,13 +339,14 @@ impl Relay {
         pass
     }
 
-    /// PostgreSQL: where the next drain's first claim starts (`None`: at the beginning).
+    /// PostgreSQL: where the next drain's first claim starts (`None`: at the beginning), and
+    /// how long that horizon has been kept.
     #[doc(hidden)]
-    pub fn kept_horizon(&self) -> Option<i64> {
+    pub fn kept_horizon(&self) -> Option<(i64, Duration)> {
         self.kept
             .as_ref()
-            .map(|k| k.horizon.seq)
-            .filter(|s| *s != Horizon::START)
+            .filter(|k| k.horizon.seq != Horizon::START)
+            .map(|k| (k.horizon.seq, k.since.elapsed()))
     }
 
     /// Publish a batch (all messages in flight at once); split the seqs into confirmed and
