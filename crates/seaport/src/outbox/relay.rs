@@ -615,8 +615,9 @@ impl Snapshot {
 /// Every row below the horizon has therefore been claimed by this relay. A claimed row comes back
 /// only if its claim rolls back, after which the drain sends nothing more, and the next drain
 /// starts from the beginning; after a clean drain the next one starts from its horizon (see
-/// [`KeptHorizon`]). A long transaction anywhere on the server (transaction ids are server-wide) only holds the horizon where
-/// it is: claims then scan from there, as all did before.
+/// [`KeptHorizon`]). A long transaction anywhere on the server (transaction ids are
+/// server-wide) only holds the horizon where it is: claims then scan from there, as all did
+/// before.
 ///
 /// **Assumed:** nothing but the relay of a partition locks or updates its outbox rows (`SKIP
 /// LOCKED` takes any skipped row as this drain's), and rows get their seq from the column
