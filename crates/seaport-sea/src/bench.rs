@@ -297,22 +297,7 @@ async fn two_relays(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let bar = progress::bar(like.len() as u64, "pre-filling the outbox for two relays");
-    for chunk in like.chunks(1000) {
-        let mut tx = db.begin_write().await?;
-        for e in chunk {
-            let fresh = Event::new(e.ty.clone(), e.source.clone(), e.data.clone().unwrap_or_default())
-                .with_subject(e.subject.clone().unwrap_or_default());
-            outbox.insert_to(&mut tx, topic, &fresh).await?;
-        }
-        tx.commit().await?;
-        if let Some(bar) = &bar {
-            bar.inc(chunk.len() as u64);
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    prefill(db, outbox, topic, &with_fresh_ids(like)).await?;
     let total = like.len();
     let started = Instant::now();
     let [mut a, mut b] = relays;
@@ -628,14 +613,7 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
         // 1d. The bare loop beside the relay's work without the broker (see
         // `BenchReport::raw_publish_beside_claims_per_sec`). Fresh ids: the stream would drop
         // the earlier ones as duplicates, which costs it less than storing them.
-        let fresh: Vec<Event> = events
-            .iter()
-            .map(|e| {
-                let mut f = e.clone();
-                f.id = uuid::Uuid::now_v7().to_string();
-                f
-            })
-            .collect();
+        let fresh = with_fresh_ids(&events);
         prefill(&db, &outbox, &format!("{relay_root}.paced.happened"), &fresh).await?;
         let mut paced = Relay::new(
             db.clone(),
@@ -837,6 +815,18 @@ async fn measure(config: &BenchConfig, db_url: &str, tag: &str) -> anyhow::Resul
     .await;
     store.close().await;
     outcome
+}
+
+/// Copies of `events` under new ids: a stream drops a known id as a duplicate, which costs it
+/// less than storing a new message.
+fn with_fresh_ids(events: &[Event]) -> Vec<Event> {
+    events
+        .iter()
+        .map(|e| Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            ..e.clone()
+        })
+        .collect()
 }
 
 /// Commit `events` to the outbox under `topic`, a thousand per transaction.
